@@ -1,0 +1,346 @@
+r"""Max-norm projection kernels.
+
+For every slice :math:`v` of a tensor (the elements that share an index outside
+``norm_dim``) with p-norm :math:`n = \|v\|_p`, the projection is
+
+.. math::
+    v \leftarrow v \cdot \frac{t(n)}{n}, \qquad
+    t(n) = r \cdot \mathrm{clamp}(n, c_{min}, c_{max}) + (1 - r)\, n
+
+applied only to slices with :math:`n` outside :math:`[c_{min}, c_{max}]`; every
+other slice is left bitwise unchanged. Zero slices and slices holding NaN or inf
+are never touched.
+
+The fast paths, chosen per tensor:
+
+* *rows*: when the norm runs over trailing dims of a contiguous tensor, the tensor
+  is viewed as ``(slices, slice_len)``. Small tensors with the same device, dtype and
+  slice length have their norms computed in one call over a bounded scratch buffer.
+* on CPU only the slices that exceed the bound are written (a host sync is free
+  there); on accelerators and under ``torch.compile`` every slice is multiplied by
+  its factor (1 for in-bound slices, which is exact) so that no sync is needed.
+* *generic*: any other ``norm_dim`` uses ``vector_norm(..., keepdim=True)`` and one
+  broadcast multiply.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .validation import PER_UNIT, NormDim, normalize_options, resolve_norm_dim
+
+__all__ = ["ProjectionStats", "max_norm_", "project_"]
+
+# Tensors up to this many elements are batched with others of the same slice length.
+_SMALL_NUMEL = 1 << 16
+# Largest scratch buffer (in elements) used to batch the norms of small tensors.
+_SCRATCH_NUMEL = 1 << 18
+# Scaled slices aim this many ulps (of the norm's dtype) inside the bound, so that the
+# norm recomputed by the user in the same dtype does not come out above it.
+_SAFETY_ULPS = 2
+
+
+class ProjectionStats(NamedTuple):
+    """Counters of one projection, as tensors on the parameters' device (no sync).
+
+    Args:
+        projected: number of slices that were scaled.
+        slices: number of slices looked at.
+        max_norm_before: the largest slice norm before projection (``-inf`` when no
+            slice was looked at).
+    """
+
+    projected: Tensor
+    slices: Tensor
+    max_norm_before: Tensor
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """fp16/bf16 norms are accumulated and returned in fp32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+
+
+def _sync_free(t: Tensor) -> bool:
+    return torch.compiler.is_compiling() or t.device.type != "cpu"
+
+
+def scale_factors(norms: Tensor, options: dict[str, Any], skip: Tensor | None = None) -> Tensor:
+    r"""Per-slice factors :math:`t(n)/n`, exactly 1 for slices left alone.
+
+    Args:
+        norms: slice norms (real floating point).
+        options: canonical max-norm options (see :func:`normalize_options`).
+        skip: optional 0-d tensor; where nonzero every factor is 1 (a step that
+            :class:`torch.amp.GradScaler` skipped for inf gradients).
+    """
+    hi, lo, rate = options["max_norm"], options["min_norm"], options["rate"]
+    finite = torch.isfinite(norms)
+    over = (norms > hi) & finite
+    outside = over | ((norms < lo) & (norms > 0) & finite) if lo > 0 else over
+    if skip is not None:
+        outside = outside & (skip.to(norms.device) == 0)
+    target = norms.clamp(min=lo, max=hi)
+    if rate != 1.0:
+        target = rate * target + (1.0 - rate) * norms
+    eps = torch.finfo(norms.dtype).eps * _SAFETY_ULPS
+    nudge = torch.where(over, 1.0 - eps, 1.0 + eps) if lo > 0 else 1.0 - eps
+    factor = target / norms * nudge
+    return torch.where(outside, factor, torch.ones((), dtype=norms.dtype, device=norms.device))
+
+
+def _check_finite(norms: Tensor, name: str) -> None:
+    if not bool(torch.isfinite(norms).all()):
+        raise RuntimeError(
+            f"max-norm projection of {name}: a slice norm is non-finite (the slice holds "
+            f"NaN or inf). Set error_if_nonfinite=False to leave such slices unchanged."
+        )
+
+
+def _scale_rows_(rows: Tensor, factors: Tensor, small: bool) -> None:
+    """Multiply rows of a 2-d view by ``factors``, writing only changed rows on CPU."""
+    if _sync_free(rows):
+        rows.mul_(factors.unsqueeze(1))
+        return
+    changed = (factors != 1).nonzero().squeeze(1)
+    count = changed.numel()
+    if count == 0:
+        return
+    if small or count * 8 >= rows.shape[0] * 7:
+        rows.mul_(factors.unsqueeze(1))
+    elif rows.dtype in (torch.float32, torch.float64):
+        src = factors.index_select(0, changed).unsqueeze(1).expand(-1, rows.shape[1])
+        with warnings.catch_warnings():  # "index_reduce() is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            rows.index_reduce_(0, changed, src, "prod")
+    else:
+        sub = rows.index_select(0, changed)
+        sub.mul_(factors.index_select(0, changed).unsqueeze(1))
+        rows.index_copy_(0, changed, sub)
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.parts: list[tuple[Tensor, Tensor, int]] = []
+
+    def add(self, norms: Tensor, factors: Tensor) -> None:
+        if norms.numel():
+            self.parts.append(((factors != 1).sum(), norms.max(), norms.numel()))
+
+    def result(self, device: torch.device | None) -> ProjectionStats:
+        if not self.parts:
+            zero = torch.zeros((), dtype=torch.int64, device=device)
+            return ProjectionStats(zero, zero.clone(), torch.full((), -math.inf, device=device))
+        dev = self.parts[0][0].device
+        projected = torch.stack([p[0].to(dev) for p in self.parts]).sum()
+        max_before = torch.stack([p[1].to(dev, torch.float32) for p in self.parts]).max()
+        slices = torch.tensor(sum(p[2] for p in self.parts), device=dev)
+        return ProjectionStats(projected, slices, max_before)
+
+
+def project_(
+    tensors: Sequence[Tensor],
+    options: dict[str, Any],
+    *,
+    names: Sequence[str] | None = None,
+    rows: dict[int, Tensor] | None = None,
+    track_stats: bool = False,
+    skip: Tensor | None = None,
+) -> ProjectionStats | None:
+    """Project ``tensors`` in place with already-validated ``options``.
+
+    Args:
+        tensors: dense tensors; ``norm_dim`` must fit each of them.
+        options: canonical max-norm options (see :func:`normalize_options`).
+        names: names for error messages, one per tensor.
+        rows: optional ``{index in tensors: 1-d index tensor}``; for those tensors only
+            the listed slices (rows of a per-unit 2-d view) are projected.
+        track_stats: return a :class:`ProjectionStats`.
+        skip: optional 0-d tensor; where nonzero nothing is changed (see
+            :func:`scale_factors`).
+    """
+    stats = _Stats() if track_stats else None
+    if options["max_norm"] == math.inf and options["min_norm"] == 0.0:
+        return stats.result(tensors[0].device if tensors else None) if stats else None
+    p = options["norm_type"]
+    check = options["error_if_nonfinite"]
+    names = names if names is not None else [f"tensor {i}" for i in range(len(tensors))]
+    batches: dict[tuple[torch.device, torch.dtype, int], list[tuple[Tensor, str]]] = {}
+
+    for i, t in enumerate(tensors):
+        if t.numel() == 0:
+            continue
+        dims = resolve_norm_dim(options["norm_dim"], t.dim())
+        acc = _norm_dtype(t.dtype)
+        if rows is not None and i in rows:
+            _project_selected_rows(t, rows[i], options, acc, names[i], stats, skip)
+            continue
+        lead = 0 if dims is None else dims[0]
+        trailing = dims is None or dims == tuple(range(lead, t.dim()))
+        if not trailing or _is_dtensor(t) or not t.is_contiguous():
+            norms = torch.linalg.vector_norm(t, p, dim=dims, keepdim=True, dtype=acc)
+            if check:
+                _check_finite(norms, names[i])
+            factors = scale_factors(norms, options, skip)
+            if stats is not None:
+                stats.add(norms, factors)
+            t.mul_(factors)
+            continue
+        view = t.view(-1, math.prod(t.shape[lead:]))
+        if t.numel() <= _SMALL_NUMEL and not torch.compiler.is_compiling():
+            batches.setdefault((t.device, t.dtype, view.shape[1]), []).append((view, names[i]))
+            continue
+        norms = torch.linalg.vector_norm(view, p, dim=1, dtype=acc)
+        if check:
+            _check_finite(norms, names[i])
+        factors = scale_factors(norms, options, skip)
+        if stats is not None:
+            stats.add(norms, factors)
+        _scale_rows_(view, factors, small=False)
+
+    for members in batches.values():
+        for chunk in _chunks(members):
+            _project_batch(chunk, options, check, stats, skip)
+    if stats is None:
+        return None
+    return stats.result(tensors[0].device if tensors else None)
+
+
+def _chunks(members: list[tuple[Tensor, str]]) -> Iterable[list[tuple[Tensor, str]]]:
+    chunk: list[tuple[Tensor, str]] = []
+    size = 0
+    for view, name in members:
+        if chunk and size + view.numel() > _SCRATCH_NUMEL:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append((view, name))
+        size += view.numel()
+    if chunk:
+        yield chunk
+
+
+def _project_batch(
+    chunk: list[tuple[Tensor, str]],
+    options: dict[str, Any],
+    check: bool,
+    stats: _Stats | None,
+    skip: Tensor | None,
+) -> None:
+    views = [v for v, _ in chunk]
+    acc = _norm_dtype(views[0].dtype)
+    p = options["norm_type"]
+    if len(views) == 1:
+        norms = torch.linalg.vector_norm(views[0], p, dim=1, dtype=acc)
+    else:
+        norms = torch.linalg.vector_norm(torch.cat(views), p, dim=1, dtype=acc)
+    if check and not bool(torch.isfinite(norms).all()):
+        for (view, name), n in zip(chunk, norms.split([v.shape[0] for v in views])):
+            _check_finite(n, name)
+    factors = scale_factors(norms, options, skip)
+    if stats is not None:
+        stats.add(norms, factors)
+    per_view = factors.unsqueeze(1).split([v.shape[0] for v in views])
+    if _sync_free(views[0]):
+        torch._foreach_mul_(views, list(per_view))
+        return
+    changed = (factors != 1).cumsum(0)
+    ends = torch.tensor([v.shape[0] for v in views]).cumsum(0)
+    counts = changed.index_select(0, ends - 1).diff(prepend=changed.new_zeros(1)).tolist()
+    todo = [k for k, c in enumerate(counts) if c]
+    if todo:
+        torch._foreach_mul_([views[k] for k in todo], [per_view[k] for k in todo])
+
+
+def _project_selected_rows(
+    t: Tensor,
+    index: Tensor,
+    options: dict[str, Any],
+    acc: torch.dtype | None,
+    name: str,
+    stats: _Stats | None,
+    skip: Tensor | None,
+) -> None:
+    view = t.view(t.shape[0], -1)
+    sub = view.index_select(0, index)
+    norms = torch.linalg.vector_norm(sub, options["norm_type"], dim=1, dtype=acc)
+    if options["error_if_nonfinite"]:
+        _check_finite(norms, name)
+    factors = scale_factors(norms, options, skip)
+    if stats is not None:
+        stats.add(norms, factors)
+    if _sync_free(t):
+        sub.mul_(factors.unsqueeze(1))
+        view.index_copy_(0, index, sub)
+        return
+    changed = (factors != 1).nonzero().squeeze(1)
+    if changed.numel():
+        scaled = sub.index_select(0, changed).mul_(factors.index_select(0, changed).unsqueeze(1))
+        view.index_copy_(0, index.index_select(0, changed), scaled)
+
+
+def max_norm_(
+    tensors: Tensor | Iterable[Tensor],
+    max_norm: float,
+    norm_dim: NormDim = PER_UNIT,
+    norm_type: float = 2.0,
+    *,
+    min_norm: float = 0.0,
+    rate: float = 1.0,
+    error_if_nonfinite: bool = False,
+) -> None:
+    r"""Project each slice of ``tensors`` in place onto the p-norm ball of radius ``max_norm``.
+
+    A slice :math:`v` with :math:`\|v\|_p > c` becomes :math:`v \cdot c / \|v\|_p`;
+    every other slice is left bitwise unchanged (no ``c / (eps + n)`` shrinkage).
+
+    Args:
+        tensors: a tensor or an iterable of tensors, projected in place.
+        max_norm: the bound :math:`c > 0`; ``math.inf`` is a no-op.
+        norm_dim: the dims each norm runs over, as ``dim`` of
+            :func:`torch.linalg.vector_norm` (int or tuple, negatives allowed);
+            ``None`` for the whole tensor; default ``"per_unit"``: every dim but dim 0
+            (a 0-d or 1-d tensor is one vector).
+        norm_type: p of the p-norm, ``>= 1`` or ``math.inf``. Default: 2.
+        min_norm: lower bound; slices with ``0 < n < min_norm`` are scaled up. Default: 0.
+        rate: move only this fraction of the way to the bound (Keras' ``MinMaxNorm``
+            ``rate``), ``0 < rate <= 1``. Default: 1.
+        error_if_nonfinite: raise if a slice norm is NaN or inf (else such slices are
+            left as they are). Default: ``False``.
+    """
+    tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+    if max_norm is None:
+        raise TypeError("max_norm_: max_norm must be a real number, but got None")
+    options = normalize_options(
+        "max_norm_",
+        {
+            "max_norm": max_norm,
+            "min_norm": min_norm,
+            "rate": rate,
+            "norm_dim": norm_dim,
+            "norm_type": norm_type,
+            "error_if_nonfinite": error_if_nonfinite,
+        },
+    )
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"max_norm_: expected tensors, but item {i} is {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise TypeError(f"max_norm_: tensor {i} has layout {t.layout}; only dense tensors")
+        try:
+            resolve_norm_dim(options["norm_dim"], t.dim())
+        except IndexError as err:
+            raise ValueError(
+                f"max_norm_: norm_dim={norm_dim!r} does not fit tensor {i} of shape "
+                f"{tuple(t.shape)} ({err})"
+            ) from None
+    with torch.no_grad():
+        project_(tensors, options)
