@@ -243,7 +243,7 @@ def _project_batch(
     else:
         norms = torch.linalg.vector_norm(torch.cat(views), p, dim=1, dtype=acc)
     if check and not bool(torch.isfinite(norms).all()):
-        for (view, name), n in zip(chunk, norms.split([v.shape[0] for v in views])):
+        for (_, name), n in zip(chunk, norms.split([v.shape[0] for v in views])):
             _check_finite(n, name)
     factors = scale_factors(norms, options, skip)
     if stats is not None:
