@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from maxnorm_optim import MaxNormWrapper, max_norm_
+
 from reference import reference_project, slice_norms
 
 
