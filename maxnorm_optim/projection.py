@@ -213,7 +213,8 @@ def make_plan(
         dims = resolve_norm_dim(norm_dim, t.dim())
         lead = 0 if dims is None else dims[0]
         if (
-            (dims is not None and dims != tuple(range(lead, t.dim())))
+            compiling  # inductor fuses the plain form; views of params confuse it
+            or (dims is not None and dims != tuple(range(lead, t.dim())))
             or _is_dtensor(t)
             or not t.is_contiguous()
         ):
@@ -222,7 +223,7 @@ def make_plan(
         # Slices are the trailing dims from `lead` on: view the leading dims as one.
         if lead != 1:
             t = t.view(-1, *t.shape[lead:]) if lead else t.view(1, -1)
-        if t.numel() <= _SMALL_NUMEL and not compiling:
+        if t.numel() <= _SMALL_NUMEL:
             batchable.setdefault((t.device, t.dtype, t.shape[1:]), []).append((t, names[i]))
         else:
             batches.append(_single(t, names[i], small=False))

@@ -418,7 +418,9 @@ class MaxNormWrapper(Optimizer):
                     rows=rows or None,
                     track_stats=self.track_stats,
                     skip=skip,
-                    plan=self._plan(i, group, tensors, rows, options),
+                    plan=None
+                    if torch.compiler.is_compiling()
+                    else self._plan(i, group, tensors, rows, options),
                 )
             )
         self._seen = records
