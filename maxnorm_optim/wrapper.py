@@ -279,8 +279,24 @@ class MaxNormWrapper(Optimizer):
         # A fused base given `found_inf` by GradScaler skips its own update on inf; the
         # projection is gated on the same flag (no host sync).
         skip = getattr(self.optimizer, "found_inf", None)
-        self._project(groups, only_with_grad=True, skip=skip)
+        if not self._no_update():
+            self._project(groups, only_with_grad=True, skip=skip)
         return loss
+
+    def _no_update(self) -> bool:
+        """Whether every group has ``lr == 0``: the base then updates nothing, and
+        nothing is projected. (``torch.distributed.checkpoint`` initialises optimizer
+        state by such a step with zero grads; it must not move the weights.) Only
+        Python numbers and CPU tensors are read, so this never waits for a device.
+        """
+        for group in self.param_groups:
+            lr = group.get("lr")
+            if isinstance(lr, Tensor):
+                if lr.device.type != "cpu" or torch.compiler.is_compiling() or lr.item() != 0:
+                    return False
+            elif lr != 0:
+                return False
+        return bool(self.param_groups)
 
     @torch.no_grad()
     def project(self) -> None:
