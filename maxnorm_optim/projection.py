@@ -173,6 +173,7 @@ class _Batch(NamedTuple):
     norm_dims: tuple[int, ...]  # dims of each tensor (and of the concatenation) normed over
     rows: Tensor | None  # for a single tensor: its (slices, slice_len) view
     small: bool
+    owner: Tensor | None  # for several tensors: index of the tensor each slice is in
 
 
 class Plan(NamedTuple):
@@ -242,7 +243,7 @@ def make_plan(
 
 def _single(t: Tensor, name: str, small: bool) -> _Batch:
     dims = tuple(range(1, t.dim()))
-    return _Batch([t], [name], [t.shape[0]], dims, t.view(t.shape[0], -1), small)
+    return _Batch([t], [name], [t.shape[0]], dims, t.view(t.shape[0], -1), small, None)
 
 
 def _batch(members: list[tuple[Tensor, str]]) -> _Batch:
@@ -250,7 +251,10 @@ def _batch(members: list[tuple[Tensor, str]]) -> _Batch:
         return _single(*members[0], small=True)
     tensors = [t for t, _ in members]
     dims = tuple(range(1, tensors[0].dim()))
-    return _Batch(tensors, [n for _, n in members], [t.shape[0] for t in tensors], dims, None, True)
+    sizes = [t.shape[0] for t in tensors]
+    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    owner = owner.to(tensors[0].device)
+    return _Batch(tensors, [n for _, n in members], sizes, dims, None, True, owner)
 
 
 def project_(
@@ -343,10 +347,8 @@ def _run_batch(
         torch._foreach_mul_(tensors, list(per_tensor))
         return
     # CPU: multiply only the tensors with at least one slice to scale.
-    changed = (factors != 1).cumsum(0)
-    ends = changed.index_select(0, torch.tensor(batch.sizes).cumsum(0) - 1)
-    counts = ends.diff(prepend=ends.new_zeros(1)).tolist()
-    todo = [k for k, c in enumerate(counts) if c]
+    assert batch.owner is not None
+    todo = batch.owner[factors != 1].unique().tolist()
     if todo:
         torch._foreach_mul_([tensors[k] for k in todo], [per_tensor[k] for k in todo])
 
