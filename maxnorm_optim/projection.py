@@ -159,7 +159,7 @@ def project_(
     """Project ``tensors`` in place with already-validated ``options``.
 
     Args:
-        tensors: dense tensors; ``norm_dim`` must fit each of them.
+        tensors: dense tensors or DTensors; ``norm_dim`` must fit each of them.
         options: canonical max-norm options (see :func:`normalize_options`).
         names: names for error messages, one per tensor.
         rows: optional ``{index in tensors: 1-d index tensor}``; for those tensors only
@@ -175,9 +175,15 @@ def project_(
     check = options["error_if_nonfinite"]
     names = names if names is not None else [f"tensor {i}" for i in range(len(tensors))]
     batches: dict[tuple[torch.device, torch.dtype, int], list[tuple[Tensor, str]]] = {}
+    dtensors = [i for i, t in enumerate(tensors) if _is_dtensor(t)]
+    if dtensors:  # FSDP2 / tensor parallel: see maxnorm_optim.distributed
+        from .distributed import project_dtensors_
+
+        picked = [tensors[i] for i in dtensors]
+        project_dtensors_(picked, options, [names[i] for i in dtensors], stats, skip)
 
     for i, t in enumerate(tensors):
-        if t.numel() == 0:
+        if t.numel() == 0 or _is_dtensor(t):
             continue
         dims = resolve_norm_dim(options["norm_dim"], t.dim())
         acc = _norm_dtype(t.dtype)

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .param_groups import sparse_rows_only
-from .projection import ProjectionStats, project_
+from .projection import ProjectionStats, _is_dtensor, project_
 from .validation import GROUP_DEFAULTS, PER_UNIT, NormDim, normalize_options, validate_group
 
 __all__ = ["MaxNormWrapper"]
@@ -269,6 +269,12 @@ class MaxNormWrapper(Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Run the base step (``closure`` passed through), then project.
 
+        The parameters of constrained groups that have a gradient are projected, and
+        every ``DTensor`` parameter (FSDP2, tensor parallel) of those groups whether or
+        not it has one: its projection may need a collective, so all ranks must project
+        the same parameters. With ``DTensor`` parameters every rank must call
+        ``step()`` (see ``docs/distributed.md``).
+
         Returns:
             the loss returned by the base step.
         """
@@ -368,7 +374,8 @@ class MaxNormWrapper(Optimizer):
             tensors, rows = [], {}
             for j, p in enumerate(group["params"]):
                 grad = p.grad
-                if only_with_grad and grad is None:
+                # DTensors are projected by group membership (see step()).
+                if only_with_grad and grad is None and not _is_dtensor(p):
                     continue
                 if (
                     only_with_grad
@@ -386,7 +393,7 @@ class MaxNormWrapper(Optimizer):
                 names = [
                     f"parameter {label!r} of param group {i} (shape {tuple(p.shape)})"
                     for label, p in zip(labels, group["params"])
-                    if not only_with_grad or p.grad is not None
+                    if not only_with_grad or p.grad is not None or _is_dtensor(p)
                 ]
             stats.append(
                 project_(
