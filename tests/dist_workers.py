@@ -134,6 +134,47 @@ def scenario_dtensor_ddp(rank: int, world: int, tmp: Path) -> None:
     for k, prm in params.items():
         _close(prm.full_tensor(), ref_project(full[k], 1.0, (dims[k],), 2.0), f"group param {k}")
 
+    # 2b. bf16 and fp32 partials share the fp32 all-reduce; stats count local slices.
+    torch.manual_seed(5)
+    h_full, s_full = torch.randn(6, 5).bfloat16() * 3, torch.randn(6, 5) * 3
+    h = nn.Parameter(distribute_tensor(h_full.clone(), mesh, [Shard(0)]))
+    s = nn.Parameter(distribute_tensor(s_full.clone(), mesh, [Shard(0)]))
+    opt = MaxNormWrapper(
+        torch.optim.SGD([h, s], lr=0.0), max_norm=1.0, norm_dim=0, track_stats=True
+    )
+    with CommDebugMode() as mode:
+        opt.step()  # no gradients: DTensors are projected anyway
+    assert _counts(mode) == 1, f"bf16 + fp32: {_counts(mode)} collectives"
+    _close(h.full_tensor().float(), ref_project(h_full.float(), 1.0, (0,), 2.0), "bf16", 2e-2)
+    _close(s.full_tensor(), ref_project(s_full, 1.0, (0,), 2.0), "fp32 next to bf16")
+    stats = opt.constraint_stats()[0]
+    assert stats is not None and int(stats["slices"]) == 10, stats  # 5 columns x 2 params
+    assert int(stats["projected"]) == int((s_full.norm(dim=0) > 1).sum()) + int(
+        (h_full.float().norm(dim=0) > 1).sum()
+    ), stats
+
+    # 2c. A NaN in a sharded slice: that slice is left alone on every rank (also for
+    #     p = inf, whose max must not drop the NaN), the others are projected;
+    #     error_if_nonfinite raises on every rank alike.
+    for p in (2.0, math.inf):
+        bad_full = torch.randn(6, 3) * 3
+        bad_full[5, 1] = float("nan")  # on the last rank's shard
+        bad = distribute_tensor(bad_full.clone(), mesh, [Shard(0)])
+        max_norm_(bad, 1.0, norm_dim=0, norm_type=p)
+        got = bad.full_tensor()
+        assert torch.equal(got[:, 1].isnan(), bad_full[:, 1].isnan()), f"p={p}: NaN slice"
+        kept = got[:, 1] == bad_full[:, 1]
+        assert bool(kept[:5].all()), f"p={p}: the NaN slice was scaled"
+        for col in (0, 2):
+            want = ref_project(bad_full[:, col : col + 1], 1.0, (0,), p)
+            _close(got[:, col : col + 1], want, f"p={p}: finite slice next to NaN")
+        try:
+            max_norm_(bad, 1.0, norm_dim=0, norm_type=p, error_if_nonfinite=True)
+        except RuntimeError as err:
+            assert "non-finite" in str(err), str(err)
+        else:
+            raise AssertionError(f"p={p}: error_if_nonfinite did not raise on rank {rank}")
+
     # 3. Ranks disagree about which DTensor params have a gradient: every rank still
     #    projects every DTensor of the group (same collectives), so nothing hangs and
     #    the result is the dense projection of the full tensor.
