@@ -429,9 +429,17 @@ SCENARIOS: dict[str, Callable[[int, int, Path], None]] = {
 }
 
 
+def loopback_only() -> None:
+    """Keep gloo's connections on the loopback interface (it otherwise uses the address
+    the host name resolves to). Rendezvous is a FileStore: no network at all."""
+    if Path("/sys/class/net/lo").exists():
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
 def entry(rank: int, world: int, tmp: str, scenario: str) -> None:
     """``torch.multiprocessing`` entry point: rendezvous on a FileStore, run, tear down."""
     torch.set_num_threads(1)
+    loopback_only()
     dist.init_process_group(
         "gloo",
         init_method=f"file://{tmp}/store",
