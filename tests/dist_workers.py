@@ -106,6 +106,21 @@ def scenario_dtensor_ddp(rank: int, world: int, tmp: Path) -> None:
                 changed = want != full
                 assert bool((kept | changed).all()), f"{pl} {full.shape}: in-bound slice moved"
 
+    # 1b. 2-d meshes (HSDP-like [Replicate, Shard], FSDP + TP-like [Shard, Shard]): only
+    #     the mesh dims that shard a normed dim are reduced over; one collective at most.
+    for mesh_shape in ((1, world), (world, 1)):
+        mesh2 = init_device_mesh("cpu", mesh_shape)
+        for pls in ([Replicate(), Shard(0)], [Shard(0), Shard(1)], [Shard(1), Shard(0)]):
+            for norm_dim in ("per_unit", 0, None):
+                torch.manual_seed(6)
+                full = torch.randn(5, 4) * 2
+                d = distribute_tensor(full.clone(), mesh2, pls)
+                with CommDebugMode() as mode:
+                    max_norm_(d, 1.0, norm_dim=norm_dim)
+                assert _counts(mode) <= 1, f"{mesh_shape} {pls} {norm_dim}: {_counts(mode)}"
+                want = ref_project(full, 1.0, ref_dims(norm_dim, 2), 2.0)
+                _close(d.full_tensor(), want, f"mesh {mesh_shape} {pls} norm_dim={norm_dim}")
+
     # 2. Wrapper over several param groups: one collective per (mesh, reduced mesh dims,
     #    dtype) per constrained group; none for groups whose norms are local.
     torch.manual_seed(1)
