@@ -302,6 +302,7 @@ def _batches(kind: str, n: int, seed: int) -> list[tuple[torch.Tensor, torch.Ten
 
 def scenario_fsdp2_dcp(rank: int, world: int, tmp: Path) -> None:
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (
         get_optimizer_state_dict,
@@ -410,8 +411,16 @@ def scenario_fsdp2_dcp(rank: int, world: int, tmp: Path) -> None:
         assert "max_norm" in str(err) or "norm_dim" in str(err), str(err)
     else:
         raise AssertionError("the default load planner accepted a bare-optimizer checkpoint")
+    # allow_partial_load (documented as the lax alternative) also keeps the options
+    lax = get_optimizer_state_dict(model4, opt4)
+    planner = DefaultLoadPlanner(allow_partial_load=True)
+    dcp.load({"optim": lax}, checkpoint_id=str(bare_ckpt), planner=planner)
+    assert lax["param_groups"][0]["max_norm"] == 0.5 and lax["param_groups"][1]["max_norm"] == 0.3
     osd = get_optimizer_state_dict(model4, opt4)
     dcp.load({"optim": osd}, checkpoint_id=str(bare_ckpt), planner=MaxNormLoadPlanner())
+    assert osd["param_groups"][0]["lr"] == 0.05 and torch.equal(
+        osd["state"]["0.weight"]["exp_avg"].full_tensor(), bare_state["exp_avg"]
+    )
     set_optimizer_state_dict(model4, opt4, osd)
     g0, g1 = opt4.param_groups
     assert (g0["max_norm"], g0["norm_dim"], g1["max_norm"], g1["norm_dim"]) == (0.5, 0, 0.3, None)
