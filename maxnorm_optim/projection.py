@@ -182,6 +182,7 @@ class Plan(NamedTuple):
     batches: list[_Batch]
     generic: list[tuple[Tensor, tuple[int, ...] | None, str]]
     selected: dict[int, tuple[Tensor, str]]
+    dtensors: list[tuple[Tensor, str]]  # FSDP2 / tensor parallel: see .distributed
 
 
 def make_plan(
@@ -204,19 +205,22 @@ def make_plan(
     batches: list[_Batch] = []
     generic: list[tuple[Tensor, tuple[int, ...] | None, str]] = []
     chosen: dict[int, tuple[Tensor, str]] = {}
+    dtensors: list[tuple[Tensor, str]] = []
     compiling = torch.compiler.is_compiling()
     for i, t in enumerate(tensors):
-        if t.numel() == 0:
+        if t.numel() == 0 and not _is_dtensor(t):
             continue
         if i in selected:
             chosen[i] = (t, names[i])
+            continue
+        if _is_dtensor(t):
+            dtensors.append((t, names[i]))
             continue
         dims = resolve_norm_dim(norm_dim, t.dim())
         lead = 0 if dims is None else dims[0]
         if (
             compiling  # inductor fuses the plain form; views of params confuse it
             or (dims is not None and dims != tuple(range(lead, t.dim())))
-            or _is_dtensor(t)
             or not t.is_contiguous()
         ):
             generic.append((t, dims, names[i]))
@@ -238,7 +242,7 @@ def make_plan(
             chunk.append((t, name))
             size += t.numel()
         batches.append(_batch(chunk))
-    return Plan(batches, generic, chosen)
+    return Plan(batches, generic, chosen, dtensors)
 
 
 def _single(t: Tensor, name: str, small: bool) -> _Batch:
@@ -270,7 +274,7 @@ def project_(
     """Project ``tensors`` in place with already-validated ``options``.
 
     Args:
-        tensors: dense tensors; ``norm_dim`` must fit each of them.
+        tensors: dense tensors or DTensors; ``norm_dim`` must fit each of them.
         options: canonical max-norm options (see :func:`normalize_options`).
         names: names for error messages, one per tensor.
         rows: optional ``{index in tensors: 1-d index tensor}``; for those tensors only
@@ -286,6 +290,11 @@ def project_(
         return stats.result(device) if stats else None
     if plan is None:
         plan = make_plan(tensors, options["norm_dim"], names, rows or ())
+    if plan.dtensors:
+        from .distributed import project_dtensors_
+
+        dts = plan.dtensors
+        project_dtensors_([t for t, _ in dts], options, [n for _, n in dts], stats, skip)
     run_plan(plan, options, rows, stats, skip)
     if options["norm_type"] not in (2.0, math.inf) and options["rate"] == 1.0:
         # Norms other than 2 and inf round less tightly: settle slices that came out a

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .param_groups import sparse_rows_only
-from .projection import Plan, ProjectionStats, make_plan, project_
+from .projection import Plan, ProjectionStats, _is_dtensor, make_plan, project_
 from .validation import GROUP_DEFAULTS, PER_UNIT, NormDim, normalize_options, validate_group
 
 __all__ = ["MaxNormWrapper"]
@@ -271,6 +271,12 @@ class MaxNormWrapper(Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Run the base step (``closure`` passed through), then project.
 
+        The parameters of constrained groups that have a gradient are projected, and
+        every ``DTensor`` parameter (FSDP2, tensor parallel) of those groups whether or
+        not it has one: its projection may need a collective, so all ranks must project
+        the same parameters. With ``DTensor`` parameters every rank must call
+        ``step()`` (see ``docs/distributed.md``).
+
         Returns:
             the loss returned by the base step.
         """
@@ -418,7 +424,8 @@ class MaxNormWrapper(Optimizer):
             for j, p in enumerate(group["params"]):
                 grad = p.grad
                 if grad is None:
-                    if only_with_grad:
+                    # DTensors are projected by group membership (see step()).
+                    if only_with_grad and not _is_dtensor(p):
                         continue
                 elif grad.is_sparse and only_with_grad:
                     if j in done and sparse_rows_only(self.optimizer, group, p):
