@@ -77,7 +77,8 @@ def assert_state_equal(a: Any, b: Any, path: str = "state") -> None:
         assert isinstance(b, Tensor), path
         assert a.dtype == b.dtype and a.shape == b.shape, path
         assert torch.equal(a, b) or (
-            a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
+            a.is_floating_point()
+            and torch.equal(a.isnan(), b.isnan())
             and torch.equal(a.nan_to_num(), b.nan_to_num())
         ), path
     elif isinstance(a, dict):

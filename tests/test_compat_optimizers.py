@@ -128,7 +128,8 @@ def torch_optim_classes() -> list[type]:
         (
             c
             for c in vars(torch.optim).values()
-            if inspect.isclass(c) and issubclass(c, torch.optim.Optimizer)
+            if inspect.isclass(c)
+            and issubclass(c, torch.optim.Optimizer)
             and c is not torch.optim.Optimizer
         ),
         key=lambda c: c.__name__,
@@ -153,16 +154,21 @@ def torch_optim_cases() -> list[Case]:
         name = f"torch.optim.{cls.__name__}"
         if info is None:
             cases.append(
-                Case(f"{name}-default", cls, [("defaults", {})],
-                     notes=["not in optim_db: defaults only"])
+                Case(
+                    f"{name}-default",
+                    cls,
+                    [("defaults", {})],
+                    notes=["not in optim_db: defaults only"],
+                )
             )
             continue
         # PyTorch's own cases; the flag-free ones are the "default" variant. Its helper
         # _get_optim_inputs_including_global_cliquey_kwargs leaves foreach out on CPU (no
         # fast kernels there), but torch runs foreach=True on CPU, so it is a row here.
         impls = [
-            f for f in ("foreach", "fused") if f in info.supported_impls
-            and (f != "fused" or "cpu" in info.supports_fused_on)
+            f
+            for f in ("foreach", "fused")
+            if f in info.supported_impls and (f != "fused" or "cpu" in info.supports_fused_on)
         ]
         by_variant: dict[str, list[tuple[str, dict[str, Any]]]] = {"default": []}
         for oi in info.optim_inputs_func(device="cpu"):
@@ -181,13 +187,19 @@ def torch_optim_cases() -> list[Case]:
             layout = "dense"
         for variant, inputs in by_variant.items():
             cases.append(
-                Case(f"{name}-{variant}", cls, inputs, layout=layout,
-                     closure=info.step_requires_closure)
+                Case(
+                    f"{name}-{variant}",
+                    cls,
+                    inputs,
+                    layout=layout,
+                    closure=info.step_requires_closure,
+                )
             )
         if info.supports_sparse and not info.only_supports_sparse_grads:
             # The sparse-gradient path (Embedding(sparse=True)) of SGD and Adagrad.
             sparse_inputs = [
-                (desc, kw) for desc, kw in by_variant["default"]
+                (desc, kw)
+                for desc, kw in by_variant["default"]
                 if not kw.get("weight_decay") and not kw.get("momentum")
             ]
             cases.append(Case(f"{name}-sparse", cls, sparse_inputs, layout="sparse"))
@@ -211,8 +223,13 @@ def torch_optimizer_cases() -> list[Case]:
                 return torch_optimizer.Lookahead(torch.optim.Adam(groups, lr=1e-2), k=2, **kw)
 
             cases.append(
-                Case(label, factory, [("Adam(lr=1e-2), k=2", {})], bare_may_fail=True,
-                     xfail=LOOKAHEAD_BUG)
+                Case(
+                    label,
+                    factory,
+                    [("Adam(lr=1e-2), k=2", {})],
+                    bare_may_fail=True,
+                    xfail=LOOKAHEAD_BUG,
+                )
             )
             continue
         kwargs: dict[str, Any] = {}
@@ -221,8 +238,13 @@ def torch_optimizer_cases() -> list[Case]:
             if default is None:
                 kwargs["lr"] = 1e-2
         cases.append(
-            Case(label, cls, [("defaults", kwargs)], create_graph=name == "Adahessian",
-                 bare_may_fail=True)
+            Case(
+                label,
+                cls,
+                [("defaults", kwargs)],
+                create_graph=name == "Adahessian",
+                bare_may_fail=True,
+            )
         )
     return cases
 
@@ -340,9 +362,7 @@ def test_state_dict_resume(case: Case, request: pytest.FixtureRequest) -> None:
 
         pb = clone_params(pa)
         # A different default bound: the checkpoint's keys must win.
-        resumed = MaxNormWrapper(
-            case.build(kwargs, groups_of(pb, gidx, constrained)), max_norm=5.0
-        )
+        resumed = MaxNormWrapper(case.build(kwargs, groups_of(pb, gidx, constrained)), max_norm=5.0)
         resumed.load_state_dict(saved)
         for got, want in zip(resumed.param_groups, first.param_groups):
             assert got["max_norm"] == want["max_norm"], desc
