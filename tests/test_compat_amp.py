@@ -25,6 +25,7 @@ from helpers import (
 from maxnorm_optim import MaxNormWrapper
 
 COMPAT_SECTION = "AMP (GradScaler on CPU)"
+COMPAT_ORDER = 3
 COMPAT_COLUMNS = {
     "test_inf_step_is_skipped": "inf step skipped, weights untouched",
     "test_unscale_clip_step_unscales_once": "unscale_ + clip + step",

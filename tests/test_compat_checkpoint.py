@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 from maxnorm_optim import MaxNormWrapper
 
 COMPAT_SECTION = "Checkpointing (torch.distributed.checkpoint.state_dict)"
+COMPAT_ORDER = 5
 COMPAT_COLUMNS = {
     "test_get_on_fresh_wrapper_keeps_weights": "get on a fresh wrapper keeps weights",
     "test_set_get_roundtrip_keeps_max_norm_keys": "set/get round trip, resume",

@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 from maxnorm_optim import MaxNormWrapper
 
 COMPAT_SECTION = "torch.compile"
+COMPAT_ORDER = 4
 COMPAT_COLUMNS = {
     "test_compiled_step_matches_eager": "compiled step = eager (1e-6)",
     "test_no_recompile_per_param_group": "12 constrained groups, no recompile",
@@ -72,8 +73,11 @@ def test_no_recompile_per_param_group() -> None:
     serves every group and every step (any recompile raises)."""
     shapes = [(4, 3), (3, 5), (6, 2), (2, 2, 3)] * 3
     pa = [
-        torch.nn.Parameter(make_weight(s[0], 12 // s[0] if len(s) == 3 else s[1],
-                                       (0.5, 3.0), seed=40 + i).reshape(s))
+        torch.nn.Parameter(
+            make_weight(s[0], 12 // s[0] if len(s) == 3 else s[1], (0.5, 3.0), seed=40 + i).reshape(
+                s
+            )
+        )
         for i, s in enumerate(shapes)
     ]
     pb = clone_params(pa)

@@ -45,6 +45,7 @@ from torch.testing._internal.common_optimizers import optim_db
 from maxnorm_optim import MaxNormWrapper
 
 COMPAT_SECTION = "Optimizers"
+COMPAT_ORDER = 1
 COMPAT_COLUMNS = {
     "test_unconstrained_bit_identical": "unconstrained = bare",
     "test_constrained_matches_reference": "constrained = bare + projection",
@@ -70,6 +71,7 @@ class Case:
     create_graph: bool = False
     bare_may_fail: bool = False  # third-party: skip (with the error) if the bare fails
     xfail: str | None = None  # a known library bug (strict xfail until fixed)
+    missing: str | None = None  # an optional package that is not installed
     notes: list[str] = field(default_factory=list)
 
     def build(self, kwargs: dict[str, Any], groups: list[dict[str, Any]]):
@@ -210,7 +212,8 @@ def torch_optimizer_cases() -> list[Case]:
     try:
         import torch_optimizer
     except ImportError:
-        return []
+        missing = "torch-optimizer (the torch-optimizer extra) is not installed"
+        return [Case("torch_optimizer-all", torch.optim.SGD, [], missing=missing)]
     cases = []
     for name in sorted(torch_optimizer.__all__):
         cls = getattr(torch_optimizer, name)
@@ -283,8 +286,12 @@ def bare_failure(label: str) -> str | None:
 
 
 def prepare(case: Case, request: pytest.FixtureRequest) -> None:
+    if case.missing:
+        pytest.skip(case.missing)
     if case.xfail:
-        request.applymarker(pytest.mark.xfail(strict=True, raises=AttributeError, reason=case.xfail))
+        request.applymarker(
+            pytest.mark.xfail(strict=True, raises=AttributeError, reason=case.xfail)
+        )
     if case.bare_may_fail:
         err = bare_failure(case.label)
         if err is not None:
@@ -295,6 +302,7 @@ def prepare(case: Case, request: pytest.FixtureRequest) -> None:
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_unconstrained_bit_identical(case: Case, request: pytest.FixtureRequest) -> None:
     prepare(case, request)
+    request.node.user_properties.append(("compat_detail", f"{len(case.inputs)} cases"))
     assert case.inputs
     for desc, kwargs in case.inputs:
         pa, constrained, gidx = make_layout(case.layout)
@@ -312,6 +320,7 @@ def test_unconstrained_bit_identical(case: Case, request: pytest.FixtureRequest)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_constrained_matches_reference(case: Case, request: pytest.FixtureRequest) -> None:
     prepare(case, request)
+    request.node.user_properties.append(("compat_detail", f"{len(case.inputs)} cases"))
     for desc, kwargs in case.inputs:
         pa, constrained, gidx = make_layout(case.layout)
         pb = clone_params(pa)
@@ -338,6 +347,7 @@ def test_constrained_matches_reference(case: Case, request: pytest.FixtureReques
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_state_dict_resume(case: Case, request: pytest.FixtureRequest) -> None:
     prepare(case, request)
+    request.node.user_properties.append(("compat_detail", f"{len(case.inputs)} cases"))
     if case.bare_may_fail:
         params, constrained, gidx = make_layout(case.layout)
         bare = case.build(case.inputs[0][1], groups_of(params, gidx, constrained))

@@ -32,6 +32,7 @@ from torch.optim import swa_utils
 from maxnorm_optim import MaxNormWrapper
 
 COMPAT_SECTION = "LR schedulers"
+COMPAT_ORDER = 2
 COMPAT_COLUMNS = {
     "test_scheduler_reaches_base": "lr reaches base, no warning",
     "test_scheduler_resume": "resume (optimizer + scheduler)",
@@ -196,6 +197,12 @@ def test_scheduler_resume(sched_name: str, base: str) -> None:
 
 def test_every_scheduler_is_a_row() -> None:
     names = {p.values[0] for p in ROWS}
-    for required in ("ReduceLROnPlateau", "OneCycleLR", "CyclicLR", "SequentialLR",
-                     "ChainedScheduler", "SWALR"):
+    for required in (
+        "ReduceLROnPlateau",
+        "OneCycleLR",
+        "CyclicLR",
+        "SequentialLR",
+        "ChainedScheduler",
+        "SWALR",
+    ):
         assert required in names

@@ -16,6 +16,7 @@ from torch.optim import swa_utils
 from maxnorm_optim import MaxNormWrapper
 
 COMPAT_SECTION = "SWA / EMA and deepcopy"
+COMPAT_ORDER = 6
 COMPAT_COLUMNS = {
     "test_averaged_model_stays_within_bound": "AveragedModel within bound",
     "test_deepcopy_model_and_wrapper": "deepcopy (model, wrapper)",
@@ -80,7 +81,9 @@ def test_deepcopy_model_and_wrapper() -> None:
         train_step(model2, opt2, step)
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
-    assert_state_equal(per_param_state(opt, list(model.parameters())), per_param_state(opt2, params2))
+    assert_state_equal(
+        per_param_state(opt, list(model.parameters())), per_param_state(opt2, params2)
+    )
     # the copy projects its own model (and only its own)
     with torch.no_grad():
         model2[0].weight.mul_(3.0)
