@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +36,6 @@ from helpers import (
     drive,
     make_weight,
     per_param_state,
-    quadratic_loss,
     roundtrip,
 )
 from torch.testing._internal.common_optimizers import optim_db
@@ -253,8 +251,9 @@ def torch_optimizer_cases() -> list[Case]:
 
 
 LOOKAHEAD_BUG = (
-    "library bug: MaxNormWrapper.__init__ calls register_load_state_dict_pre_hook on the "
-    "base, but Lookahead never ran Optimizer.__init__ (AttributeError)"
+    "library bug: MaxNormWrapper(Lookahead(...)) raises AttributeError: Lookahead never "
+    "ran Optimizer.__init__, so it lacks the hook dicts that "
+    "register_load_state_dict_pre_hook (and its own state_dict()) need"
 )
 CASES = torch_optim_cases() + torch_optimizer_cases()
 CASE_IDS = [c.label for c in CASES]
@@ -348,17 +347,6 @@ def test_constrained_matches_reference(case: Case, request: pytest.FixtureReques
 def test_state_dict_resume(case: Case, request: pytest.FixtureRequest) -> None:
     prepare(case, request)
     request.node.user_properties.append(("compat_detail", f"{len(case.inputs)} cases"))
-    if case.bare_may_fail:
-        params, constrained, gidx = make_layout(case.layout)
-        bare = case.build(case.inputs[0][1], groups_of(params, gidx, constrained))
-        drive(bare, params, 0, **step_kwargs(case))
-        try:
-            bare.state_dict()
-        except Exception as err:
-            pytest.skip(
-                f"the bare optimizer's own state_dict() fails under torch "
-                f"{torch.__version__}: {type(err).__name__}: {err}"
-            )
     for desc, kwargs in case.inputs:
         pa, constrained, gidx = make_layout(case.layout)
         first = MaxNormWrapper(
@@ -392,6 +380,4 @@ def test_every_torch_optim_class_has_rows() -> None:
     labels = {c.label.split("-")[0] for c in CASES}
     for cls in torch_optim_classes():
         assert f"torch.optim.{cls.__name__}" in labels
-    assert math.isfinite(MAX_NORM)
     assert {"torch.optim.Adam-fused", "torch.optim.SGD-foreach"} <= set(CASE_IDS)
-    assert quadratic_loss([torch.zeros(2)], 0).item() > 0

@@ -4,6 +4,7 @@ Usage (from the repository root)::
 
     python tools/compat_matrix.py                  # run tests/test_compat_*.py, write the doc
     python tools/compat_matrix.py --check          # fail if the committed doc is stale
+                                                   # (the "Tested with" line aside)
     python tools/compat_matrix.py --from-json R    # render a report written earlier by
                                                    # pytest -p compat_plugin --compat-report R
 
@@ -95,6 +96,10 @@ def render(results: list[dict[str, Any]]) -> str:
         for e in entries:
             rows.setdefault(e["row"], {})[e["column"]] = e
         out += [f"## {section}", ""]
+        doc = entries[0].get("section_doc", "")
+        if doc:
+            doc = doc.removeprefix("Compatibility matrix, ")
+            out += [doc[:1].upper() + doc[1:], ""]
         out.append("| | " + " | ".join(c for _, c in columns) + " |")
         out.append("|---" * (len(columns) + 1) + "|")
         for row, cells in rows.items():
@@ -142,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
             results = json.loads(report.read_text())
     text = render(results)
     if args.check:
-        if not args.output.exists() or args.output.read_text() != text:
+        # The environment line may differ between machines; everything else must match.
+        def body(doc: str) -> list[str]:
+            return [line for line in doc.splitlines() if not line.startswith("Tested with")]
+
+        if not args.output.exists() or body(args.output.read_text()) != body(text):
             print(f"compat_matrix: {args.output} is stale; run tools/compat_matrix.py")
             return 1
         return status

@@ -11,6 +11,7 @@ ordered by the module's ``COMPAT_ORDER``; a test may add a short note to its cel
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ def _cell(item: pytest.Item) -> dict[str, Any] | None:
     return {
         "section": section,
         "section_order": getattr(module, "COMPAT_ORDER", 100),
+        "section_doc": inspect.cleandoc(module.__doc__ or ""),
         "column": columns[name],
         "column_order": list(columns.values()).index(columns[name]),
         "row": row,
