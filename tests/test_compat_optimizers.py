@@ -38,7 +38,14 @@ from helpers import (
     per_param_state,
     roundtrip,
 )
-from torch.testing._internal.common_optimizers import optim_db
+
+try:  # PyTorch's own optimizer test database; its module imports expecttest
+    from torch.testing._internal.common_optimizers import optim_db
+except ModuleNotFoundError as err:  # pragma: no cover - a missing test dependency
+    raise ModuleNotFoundError(
+        f"{err}: the compatibility tests use torch's optim_db, which needs the "
+        "'expecttest' package (part of the test extra)"
+    ) from err
 
 from maxnorm_optim import MaxNormWrapper
 
