@@ -64,8 +64,7 @@ def _require(name: str) -> ModuleType:
         return importlib.import_module(name)
     except ImportError:
         raise DemoError(
-            f"the demo needs scikit-learn, matplotlib and tqdm ({name} is missing): "
-            f"{DEMO_EXTRA}"
+            f"the demo needs scikit-learn, matplotlib and tqdm ({name} is missing): {DEMO_EXTRA}"
         ) from None
 
 
@@ -134,9 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="C",
         help="the bound on each unit's incoming weight norm; default: %(default)s",
     )
-    parser.add_argument(
-        "--epochs", type=_positive_int, default=EPOCHS, help="default: %(default)s"
-    )
+    parser.add_argument("--epochs", type=_positive_int, default=EPOCHS, help="default: %(default)s")
     parser.add_argument("--seed", type=_seed, default=0, help="default: %(default)s")
     parser.add_argument(
         "--lr",
@@ -269,11 +266,7 @@ def build_model(n_in: int, n_out: int) -> nn.Sequential:
 def unit_norms(model: nn.Module) -> Tensor:
     """The incoming weight norm of every unit of every ``Linear`` layer (on the CPU)."""
     return torch.cat(
-        [
-            m.weight.detach().norm(dim=1).cpu()
-            for m in model.modules()
-            if isinstance(m, nn.Linear)
-        ]
+        [m.weight.detach().norm(dim=1).cpu() for m in model.modules() if isinstance(m, nn.Linear)]
     )
 
 
