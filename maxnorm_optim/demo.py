@@ -55,6 +55,7 @@ class DemoError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # One line, no usage block.
+        message = " ".join(message.split())
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -286,6 +287,41 @@ class Result:
     diverged_epoch: int | None = None  # first epoch (1-based) ending with non-finite weights
 
 
+def make_optimizer(
+    model: nn.Module,
+    opt_cls: type[torch.optim.Optimizer],
+    kwargs: dict[str, Any],
+    max_norm: float | None,
+) -> torch.optim.Optimizer:
+    """The bare optimizer, or the max-norm-wrapped one (with ``track_stats``)."""
+    if max_norm is None:
+        return opt_cls(model.parameters(), **kwargs)
+    # Weights of the Linear layers: one bound per unit; biases unconstrained.
+    groups = max_norm_param_groups(model, max_norm)
+    return MaxNormWrapper(opt_cls(groups, **kwargs), track_stats=True)
+
+
+def check_optimizer(
+    data: Data, opt_cls: type[torch.optim.Optimizer], kwargs: dict[str, Any], max_norm: float
+) -> None:
+    """One step of both set-ups on a throwaway model, so that an optimizer that cannot
+    train this model is reported before the runs start."""
+    for bound in (None, max_norm):
+        model = build_model(data.x_train.shape[1], 10).to(data.x_train.device)
+        try:
+            optimizer = make_optimizer(model, opt_cls, kwargs, bound)
+
+            def closure(model: nn.Module = model, optimizer: Any = optimizer) -> Tensor:
+                optimizer.zero_grad()
+                loss = nn.functional.cross_entropy(model(data.x_train[:8]), data.y_train[:8])
+                loss.backward()
+                return loss
+
+            optimizer.step(closure)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise DemoError(f"--optimizer {opt_cls.__name__} with {kwargs}: {err}") from None
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> float:
     """Classification error of ``model`` on ``(x, y)``."""
@@ -306,12 +342,7 @@ def train(
     label = name if max_norm is None else f"{name} + max-norm (c={max_norm:g})"
     torch.manual_seed(args.seed)
     model = build_model(data.x_train.shape[1], 10).to(data.x_train.device)
-    if max_norm is None:
-        optimizer: torch.optim.Optimizer = opt_cls(model.parameters(), **kwargs)
-    else:
-        # Weights of the Linear layers: one bound per unit; biases unconstrained.
-        groups = max_norm_param_groups(model, max_norm)
-        optimizer = MaxNormWrapper(opt_cls(groups, **kwargs), track_stats=True)
+    optimizer = make_optimizer(model, opt_cls, kwargs, max_norm)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=LR_DECAY)
     batches = torch.Generator().manual_seed(args.seed)
     n = data.x_train.shape[0]
@@ -334,12 +365,7 @@ def train(
                 loss.backward()
                 return loss
 
-            try:
-                optimizer.step(closure)
-            except (RuntimeError, TypeError, ValueError) as err:
-                if epoch == 1 and first == 0:  # the optimizer cannot train this model
-                    raise DemoError(f"--optimizer {name}: its first step failed: {err}") from None
-                raise
+            optimizer.step(closure)
             if isinstance(optimizer, MaxNormWrapper):
                 stats = optimizer.constraint_stats()
                 for s in stats:
@@ -460,18 +486,15 @@ def main(argv: list[str] | None = None) -> int:
         opt_cls = resolve_optimizer(args.optimizer)
         kwargs = optimizer_kwargs(opt_cls, args.lr, args.momentum)
         device = resolve_device(args.device)
-        try:
-            opt_cls([nn.Parameter(torch.zeros(2, 2))], **kwargs)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise DemoError(f"--optimizer {opt_cls.__name__} with {kwargs}: {err}") from None
         if args.out.exists() and args.out.is_dir():
             raise DemoError(f"--out {str(args.out)!r} is a directory")
         data = load_data(device)
+        check_optimizer(data, opt_cls, kwargs, args.max_norm)
         settings = ", ".join(
             [f"{k}={v:g}" for k, v in kwargs.items()]
             + [
                 f"lr decay {LR_DECAY}/epoch",
-                f"{args.epochs} epochs",
+                f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}",
                 f"batch {BATCH_SIZE}",
                 f"seed {args.seed}",
                 f"device {device}",
