@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.metadata
+import os
 import pkgutil
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,9 +64,7 @@ def test_the_docs_have_examples() -> None:
 
 
 @pytest.mark.parametrize("path", markdown_files(), ids=lambda p: p.name)
-def test_markdown_examples_run(
-    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_markdown_examples_run(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blocks = python_blocks(path.read_text())
     runnable = [(line, code) for line, code, skipped in blocks if not skipped]
     if not runnable:
@@ -99,3 +101,35 @@ def test_doctests_exist() -> None:
     }
     assert examples["maxnorm_optim.wrapper"] >= 1, examples
     assert examples["maxnorm_optim.param_groups"] >= 1, examples
+
+
+def test_version_from_a_fresh_interpreter() -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", "import maxnorm_optim; print(maxnorm_optim.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT.parent,
+        env=env,
+        timeout=120,
+    ).stdout.strip()
+    assert out == maxnorm_optim.__version__
+    assert re.fullmatch(r"\d+\.\d+\.\d+((a|b|rc)\d+)?(\.dev\d+)?", out), out
+    try:
+        installed = importlib.metadata.version("maxnorm-optim")
+    except importlib.metadata.PackageNotFoundError:
+        installed = None  # running from a checkout that is not installed
+    if installed is not None:
+        assert installed == out
+
+
+def test_changelog_has_this_version() -> None:
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    versions = re.findall(r"^## \[(\d[^\]]*)\]", changelog, re.MULTILINE)
+    assert versions, "no released version in CHANGELOG.md"
+    assert versions[0] == maxnorm_optim.__version__
+    assert re.search(r"^## \[Unreleased\]", changelog, re.MULTILINE)
