@@ -4,7 +4,7 @@ Run ``python -m maxnorm_optim.demo --help`` (or ``maxnorm-optim-demo --help``). 
 demo needs the ``demo`` extra: ``pip install 'maxnorm-optim[demo]'``.
 
 Both runs use the same seed: the same initial weights, the same mini-batch order and
-the same dropout masks (as long as the weights stay finite). In the spirit of
+the same dropout masks; the projection draws no random numbers. In the spirit of
 Srivastava et al. (2014, "Dropout: a simple way to prevent neural networks from
 overfitting"), the default learning rate is high; the max-norm run bounds the norm of
 every unit's incoming weight vector by ``--max-norm``.
