@@ -160,6 +160,7 @@ def project_dtensors_(
         else:
             norms = total.sqrt() if p == 2 else total.pow(1.0 / p)
         factors = projection.scale_factors(norms, options, skip)
+        assert factors is not None  # not lazy
         if stats is not None:
             stats.add(norms, factors)
         sizes = [x.numel() for x in partials]

@@ -15,7 +15,8 @@ The fast paths, chosen per tensor:
 
 * *rows*: when the norm runs over trailing dims of a contiguous tensor, the tensor
   is viewed as ``(slices, slice_len)``. Small tensors with the same device, dtype and
-  slice length have their norms computed in one call over a bounded scratch buffer.
+  slice shape have their norms computed in one call, over a scratch buffer of at most
+  ``_SCRATCH_NUMEL`` elements per dtype and device (kept by the wrapper's cached plan).
 * on CPU only the slices that exceed the bound are written (a host sync is free
   there); on accelerators and under ``torch.compile`` every slice is multiplied by
   its factor (1 for in-bound slices, which is exact) so that no sync is needed.
@@ -25,6 +26,7 @@ The fast paths, chosen per tensor:
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -82,7 +84,8 @@ def scale_factors(
     options: dict[str, Any],
     skip: Tensor | None = None,
     value_dtype: torch.dtype | None = None,
-) -> Tensor:
+    lazy: bool = False,
+) -> Tensor | None:
     r"""Per-slice factors :math:`t(n)/n`, exactly 1 for slices left alone.
 
     Args:
@@ -92,15 +95,16 @@ def scale_factors(
             :class:`torch.amp.GradScaler` skipped for inf gradients).
         value_dtype: dtype of the tensor the factors will scale; for fp16/bf16 the
             target also leaves room for rounding the scaled values to that dtype.
+        lazy: return ``None`` when no slice is to be scaled (asks the host, so only
+            where a sync costs nothing, i.e. on CPU outside ``torch.compile``).
     """
     hi, lo, rate = options["max_norm"], options["min_norm"], options["rate"]
     eps = torch.finfo(norms.dtype).eps
     margin = eps * options.get("_ulps", _SAFETY_ULPS)
     if value_dtype in (torch.float16, torch.bfloat16):
         margin += torch.finfo(value_dtype).eps / 2
-    over = norms > hi
-    if math.isfinite(hi):
-        over &= norms != math.inf  # slices holding inf are left alone
+    # Slices holding NaN or inf are left alone: their norm compares as 0 here.
+    over = (norms.nan_to_num(posinf=0.0) if math.isfinite(hi) else norms) > hi
     if lo == 0.0 and rate == 1.0:
         target = norms.new_full((), hi * (1.0 - margin))
     else:
@@ -114,9 +118,16 @@ def scale_factors(
         over |= under
     if skip is not None:
         over &= skip.to(norms.device) == 0
+    if lazy and not bool(over.any()):
+        return None
     if rate != 1.0:
         target = rate * target + (1.0 - rate) * norms
-    return torch.where(over, target / norms, 1.0)
+    return torch.where(over, target / norms, _one(norms.dtype, norms.device))
+
+
+@functools.cache
+def _one(dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.ones((), dtype=dtype, device=device)
 
 
 def _check_finite(norms: Tensor, name: str) -> None:
@@ -153,16 +164,17 @@ class _Stats:
     def __init__(self) -> None:
         self.parts: list[tuple[Tensor, Tensor, int]] = []
 
-    def add(self, norms: Tensor, factors: Tensor) -> None:
+    def add(self, norms: Tensor, factors: Tensor | None) -> None:
         if norms.numel():
-            self.parts.append(((factors != 1).sum(), norms.max(), norms.numel()))
+            projected = 0 if factors is None else (factors != 1).sum()
+            self.parts.append((projected, norms.max(), norms.numel()))
 
     def result(self, device: torch.device | None) -> ProjectionStats:
         if not self.parts:
             zero = torch.zeros((), dtype=torch.int64, device=device)
             return ProjectionStats(zero, zero.clone(), torch.full((), -math.inf, device=device))
-        dev = self.parts[0][0].device
-        projected = torch.stack([p[0].to(dev) for p in self.parts]).sum()
+        dev = self.parts[0][1].device
+        projected = torch.as_tensor(sum(p[0] for p in self.parts), device=dev)
         max_before = torch.stack([p[1].to(dev, torch.float32) for p in self.parts]).max()
         slices = torch.tensor(sum(p[2] for p in self.parts), device=dev)
         return ProjectionStats(projected, slices, max_before)
@@ -251,16 +263,27 @@ def make_plan(
                 batchable.setdefault(key, []).append((t, label(i), numel))
             else:
                 batches.append(_single(t, label(i), small=False))
+    chunks: list[tuple[list[tuple[Tensor, str]], int]] = []
     for members in batchable.values():
         chunk: list[tuple[Tensor, str]] = []
         size = 0
         for t, name, numel in members:
             if chunk and size + numel > _SCRATCH_NUMEL:
-                batches.append(_batch(chunk))
+                chunks.append((chunk, size))
                 chunk, size = [], 0
             chunk.append((t, name))
             size += numel
-        batches.append(_batch(chunk))
+        chunks.append((chunk, size))
+    # Batches run one after another: those of a dtype and device share one scratch buffer.
+    need: dict[tuple[torch.dtype, torch.device], int] = {}
+    for chunk, size in chunks:
+        if len(chunk) > 1:
+            key = (chunk[0][0].dtype, chunk[0][0].device)
+            need[key] = max(need.get(key, 0), size)
+    scratch = {key: torch.empty(n, dtype=key[0], device=key[1]) for key, n in need.items()}
+    for chunk, _ in chunks:
+        first = chunk[0][0]
+        batches.append(_batch(chunk, scratch.get((first.dtype, first.device))))
     return Plan(batches, generic, chosen, dtensors)
 
 
@@ -270,8 +293,8 @@ def _single(t: Tensor, name: str, small: bool) -> _Batch:
     return _Batch([t], [name], [t.shape[0]], dims, rows, small, None, None, None, [])
 
 
-def _batch(members: list[tuple[Tensor, str]]) -> _Batch:
-    if len(members) == 1:
+def _batch(members: list[tuple[Tensor, str]], flat: Tensor | None) -> _Batch:
+    if len(members) == 1 or flat is None:
         return _single(*members[0], small=True)
     tensors = [t for t, _ in members]
     first = tensors[0]
@@ -279,7 +302,7 @@ def _batch(members: list[tuple[Tensor, str]]) -> _Batch:
     sizes = [t.shape[0] for t in tensors]
     owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     device = first.device
-    scratch = torch.empty((sum(sizes), *first.shape[1:]), dtype=first.dtype, device=device)
+    scratch = flat[: sum(t.numel() for t in tensors)].view(-1, *first.shape[1:])
     real = _norm_dtype(first.dtype) or scratch.real.dtype
     factors = torch.empty((sum(sizes), *[1] * len(dims)), dtype=real, device=device)
     return _Batch(
@@ -345,10 +368,11 @@ def run_plan(
         norms = torch.linalg.vector_norm(t, p, dim=dims, keepdim=True, dtype=_norm_dtype(t.dtype))
         if check:
             _check_finite(norms, name)
-        factors = scale_factors(norms, options, skip, t.dtype)
+        factors = scale_factors(norms, options, skip, t.dtype, lazy=not _sync_free(t))
         if stats is not None:
             stats.add(norms, factors)
-        t.mul_(factors)
+        if factors is not None:
+            t.mul_(factors)
     for i, (t, name) in plan.selected.items():
         assert rows is not None
         _project_selected_rows(t, rows[i], options, _norm_dtype(t.dtype), name, stats, skip)
@@ -372,9 +396,11 @@ def _run_batch(
     if check and not bool(torch.isfinite(norms).all()):
         for name, n in zip(batch.names, norms.split(batch.sizes)):
             _check_finite(n, name)
-    factors = scale_factors(norms, options, skip, dtype)
+    factors = scale_factors(norms, options, skip, dtype, lazy=not _sync_free(src))
     if stats is not None:
         stats.add(norms, factors)
+    if factors is None:
+        return
     if batch.rows is not None:
         _scale_rows_(batch.rows, factors, small=batch.small)
         return
@@ -404,9 +430,11 @@ def _project_selected_rows(
     norms = torch.linalg.vector_norm(sub, options["norm_type"], dim=1, dtype=acc)
     if options["error_if_nonfinite"]:
         _check_finite(norms, name)
-    factors = scale_factors(norms, options, skip, t.dtype)
+    factors = scale_factors(norms, options, skip, t.dtype, lazy=not _sync_free(t))
     if stats is not None:
         stats.add(norms, factors)
+    if factors is None:
+        return
     if _sync_free(t):
         sub.mul_(factors.unsqueeze(1))
         view.index_copy_(0, index, sub)
