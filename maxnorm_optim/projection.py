@@ -42,8 +42,11 @@ _SMALL_NUMEL = 1 << 16
 # Largest scratch buffer (in elements) used to batch the norms of small tensors.
 _SCRATCH_NUMEL = 1 << 18
 # Scaled slices aim this many ulps (of the norm's dtype) inside the bound, so that the
-# norm recomputed by the user in the same dtype does not come out above it.
-_SAFETY_ULPS = 2
+# norm recomputed by the user in the same dtype does not come out above it. For p = 2
+# and inf this covers the rounding of the norm; for other p the projection is repeated
+# with wider margins (_EXTRA_PASS_ULPS) to settle slices that still come out above.
+_SAFETY_ULPS = 4
+_EXTRA_PASS_ULPS = (16, 128)
 
 
 class ProjectionStats(NamedTuple):
@@ -74,7 +77,12 @@ def _sync_free(t: Tensor) -> bool:
     return torch.compiler.is_compiling() or t.device.type != "cpu"
 
 
-def scale_factors(norms: Tensor, options: dict[str, Any], skip: Tensor | None = None) -> Tensor:
+def scale_factors(
+    norms: Tensor,
+    options: dict[str, Any],
+    skip: Tensor | None = None,
+    value_dtype: torch.dtype | None = None,
+) -> Tensor:
     r"""Per-slice factors :math:`t(n)/n`, exactly 1 for slices left alone.
 
     Args:
@@ -82,20 +90,29 @@ def scale_factors(norms: Tensor, options: dict[str, Any], skip: Tensor | None = 
         options: canonical max-norm options (see :func:`normalize_options`).
         skip: optional 0-d tensor; where nonzero every factor is 1 (a step that
             :class:`torch.amp.GradScaler` skipped for inf gradients).
+        value_dtype: dtype of the tensor the factors will scale; for fp16/bf16 the
+            target also leaves room for rounding the scaled values to that dtype.
     """
     hi, lo, rate = options["max_norm"], options["min_norm"], options["rate"]
+    eps = torch.finfo(norms.dtype).eps
+    margin = eps * options.get("_ulps", _SAFETY_ULPS)
+    if value_dtype in (torch.float16, torch.bfloat16):
+        margin += torch.finfo(value_dtype).eps / 2
     finite = torch.isfinite(norms)
     over = (norms > hi) & finite
-    outside = over | ((norms < lo) & (norms > 0) & finite) if lo > 0 else over
+    target = norms.clamp(max=hi) * (1.0 - margin)
+    if lo > 0:
+        # Scaled-up slices land on min_norm within rounding; the band below min_norm
+        # keeps them from being scaled again (projecting twice equals once).
+        under = (norms < lo * (1.0 - margin - 2 * eps)) & (norms > 0) & finite
+        target = torch.where(under, norms.clamp(min=lo), target)
+        over = over | under
     if skip is not None:
-        outside = outside & (skip.to(norms.device) == 0)
-    target = norms.clamp(min=lo, max=hi)
+        over = over & (skip.to(norms.device) == 0)
     if rate != 1.0:
         target = rate * target + (1.0 - rate) * norms
-    eps = torch.finfo(norms.dtype).eps * _SAFETY_ULPS
-    nudge = torch.where(over, 1.0 - eps, 1.0 + eps) if lo > 0 else 1.0 - eps
-    factor = target / norms * nudge
-    return torch.where(outside, factor, torch.ones((), dtype=norms.dtype, device=norms.device))
+    one = torch.ones((), dtype=norms.dtype, device=norms.device)
+    return torch.where(over, target / norms, one)
 
 
 def _check_finite(norms: Tensor, name: str) -> None:
@@ -171,9 +188,28 @@ def project_(
     stats = _Stats() if track_stats else None
     if options["max_norm"] == math.inf and options["min_norm"] == 0.0:
         return stats.result(tensors[0].device if tensors else None) if stats else None
+    names = names if names is not None else [f"tensor {i}" for i in range(len(tensors))]
+    _project_pass(tensors, options, names, rows, stats, skip)
+    if options["norm_type"] not in (2.0, math.inf) and options["rate"] == 1.0:
+        # Norms other than 2 and inf round less tightly: settle slices that came out a
+        # few ulps above the bound (in-bound slices are untouched by these passes).
+        for ulps in _EXTRA_PASS_ULPS:
+            _project_pass(tensors, {**options, "_ulps": ulps}, names, rows, None, skip)
+    if stats is None:
+        return None
+    return stats.result(tensors[0].device if tensors else None)
+
+
+def _project_pass(
+    tensors: Sequence[Tensor],
+    options: dict[str, Any],
+    names: Sequence[str],
+    rows: dict[int, Tensor] | None,
+    stats: _Stats | None,
+    skip: Tensor | None,
+) -> None:
     p = options["norm_type"]
     check = options["error_if_nonfinite"]
-    names = names if names is not None else [f"tensor {i}" for i in range(len(tensors))]
     batches: dict[tuple[torch.device, torch.dtype, int], list[tuple[Tensor, str]]] = {}
 
     for i, t in enumerate(tensors):
@@ -190,7 +226,7 @@ def project_(
             norms = torch.linalg.vector_norm(t, p, dim=dims, keepdim=True, dtype=acc)
             if check:
                 _check_finite(norms, names[i])
-            factors = scale_factors(norms, options, skip)
+            factors = scale_factors(norms, options, skip, t.dtype)
             if stats is not None:
                 stats.add(norms, factors)
             t.mul_(factors)
@@ -202,7 +238,7 @@ def project_(
         norms = torch.linalg.vector_norm(view, p, dim=1, dtype=acc)
         if check:
             _check_finite(norms, names[i])
-        factors = scale_factors(norms, options, skip)
+        factors = scale_factors(norms, options, skip, t.dtype)
         if stats is not None:
             stats.add(norms, factors)
         _scale_rows_(view, factors, small=False)
@@ -210,9 +246,6 @@ def project_(
     for members in batches.values():
         for chunk in _chunks(members):
             _project_batch(chunk, options, check, stats, skip)
-    if stats is None:
-        return None
-    return stats.result(tensors[0].device if tensors else None)
 
 
 def _chunks(members: list[tuple[Tensor, str]]) -> Iterable[list[tuple[Tensor, str]]]:
@@ -245,7 +278,7 @@ def _project_batch(
     if check and not bool(torch.isfinite(norms).all()):
         for (_, name), n in zip(chunk, norms.split([v.shape[0] for v in views])):
             _check_finite(n, name)
-    factors = scale_factors(norms, options, skip)
+    factors = scale_factors(norms, options, skip, views[0].dtype)
     if stats is not None:
         stats.add(norms, factors)
     per_view = factors.unsqueeze(1).split([v.shape[0] for v in views])
@@ -274,7 +307,7 @@ def _project_selected_rows(
     norms = torch.linalg.vector_norm(sub, options["norm_type"], dim=1, dtype=acc)
     if options["error_if_nonfinite"]:
         _check_finite(norms, name)
-    factors = scale_factors(norms, options, skip)
+    factors = scale_factors(norms, options, skip, t.dtype)
     if stats is not None:
         stats.add(norms, factors)
     if _sync_free(t):

@@ -1,0 +1,102 @@
+"""Touched-rows projection for sparse embedding gradients (issue 4, point 3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from maxnorm_optim import MaxNormWrapper
+from reference import reference_project
+
+ROW_ONLY = [
+    (torch.optim.SparseAdam, {"lr": 0.5}),
+    (torch.optim.SGD, {"lr": 5.0}),
+    (torch.optim.Adagrad, {"lr": 2.0}),
+]
+
+
+def _embedding_step(emb: nn.Embedding, opt, step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(step)
+    idx = torch.randint(0, emb.num_embeddings, (12,), generator=g)
+    opt.zero_grad()
+    emb(idx).pow(2).sum().mul(-1).backward()  # pushes touched rows outward
+    opt.step()
+    return idx
+
+
+@pytest.mark.parametrize("opt_cls,kw", ROW_ONLY)
+def test_listed_optimizers_change_only_touched_rows(opt_cls, kw):
+    """The premise of the touched-rows rule, checked on the real optimizers."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(50, 8, sparse=True)
+    opt = opt_cls(emb.parameters(), **kw)
+    for step in range(4):
+        before = emb.weight.detach().clone()
+        idx = _embedding_step(emb, opt, step)
+        untouched = torch.ones(50, dtype=torch.bool)
+        untouched[idx] = False
+        assert torch.equal(emb.weight[untouched], before[untouched])
+
+
+@pytest.mark.parametrize("opt_cls,kw", ROW_ONLY)
+def test_touched_rows_rule_matches_full_projection(opt_cls, kw):
+    torch.manual_seed(1)
+    e1 = nn.Embedding(50, 8, sparse=True)
+    with torch.no_grad():
+        e1.weight.mul_(3)  # many initial rows out of bound: the first step projects all
+    e2 = nn.Embedding(50, 8, sparse=True)
+    e2.load_state_dict(e1.state_dict())
+    o1 = MaxNormWrapper(opt_cls(e1.parameters(), **kw), max_norm=1.0)
+    bare = opt_cls(e2.parameters(), **kw)
+    for step in range(6):
+        _embedding_step(e1, o1, step)
+        _embedding_step(e2, bare, step)
+        with torch.no_grad():
+            e2.weight.copy_(reference_project(e2.weight, 1.0))
+        torch.testing.assert_close(e1.weight, e2.weight, rtol=1e-6, atol=1e-7)
+        assert e1.weight.norm(dim=1).max() <= 1.0  # no violating row left behind
+
+
+def test_touched_rows_only_after_first_step_and_reset_by_load_state_dict():
+    torch.manual_seed(2)
+    emb = nn.Embedding(40, 4, sparse=True)
+    opt = MaxNormWrapper(torch.optim.SparseAdam(emb.parameters(), lr=0.1), max_norm=0.5)
+    _embedding_step(emb, opt, 0)
+    assert emb.weight.norm(dim=1).max() <= 0.5  # first step: every row
+    with torch.no_grad():
+        emb.weight[0] = 10.0  # changed outside the optimizer ...
+    idx = _embedding_step(emb, opt, 1)
+    assert 0 not in idx
+    assert emb.weight[0].norm() > 0.5  # ... is not seen by a touched-rows step
+    opt.load_state_dict(opt.state_dict())
+    _embedding_step(emb, opt, 2)
+    assert emb.weight.norm(dim=1).max() <= 0.5  # after a load: every row again
+    with torch.no_grad():
+        emb.weight[1] = 10.0
+    opt.project()  # project() always projects everything
+    assert emb.weight.norm(dim=1).max() <= 0.5
+
+
+@pytest.mark.parametrize(
+    "opt_cls,kw",
+    [
+        (torch.optim.SGD, {"lr": 1.0, "momentum": 0.9}),
+        (torch.optim.SGD, {"lr": 1.0, "momentum": 0.5, "nesterov": True}),
+    ],
+)
+def test_other_sparse_optimizers_keep_the_full_projection(opt_cls, kw):
+    """SGD with momentum changes untouched rows: the wrapper projects every row."""
+    torch.manual_seed(3)
+    e1 = nn.Embedding(30, 4, sparse=True)
+    e2 = nn.Embedding(30, 4, sparse=True)
+    e2.load_state_dict(e1.state_dict())
+    o1 = MaxNormWrapper(opt_cls(e1.parameters(), **kw), max_norm=0.6)
+    bare = opt_cls(e2.parameters(), **kw)
+    for step in range(5):
+        _embedding_step(e1, o1, step)
+        _embedding_step(e2, bare, step)
+        with torch.no_grad():
+            e2.weight.copy_(reference_project(e2.weight, 0.6))
+        torch.testing.assert_close(e1.weight, e2.weight, rtol=1e-6, atol=1e-7)
+        assert e1.weight.norm(dim=1).max() <= 0.6
