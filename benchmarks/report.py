@@ -49,8 +49,12 @@ def format_report(results: dict[str, Any]) -> str:
                 "optimizer step (all params, ms): "
                 + ", ".join(f"{k} {v:.3f}" for k, v in steps.items())
             )
+            lines.append(
+                f"read floor: {fam['floor_ms']:.3f} ms ({fam['floor_method']}; the fastest of "
+                "foreach_norm, per-tensor vector_norm and per-tensor row norms, over all cases)"
+            )
             header = [
-                "over", "ours ms", "floor ms", "naive ms", "renorm ms", "ours/floor",
+                "over", "ours ms", "case floor ms", "naive ms", "renorm ms", "ours/floor",
                 "naive/ours", "renorm/ours", *[f"ours/{k}" for k in STEPS], "peak extra",
                 "% weights",
             ]  # fmt: skip
@@ -60,7 +64,7 @@ def format_report(results: dict[str, Any]) -> str:
                     [
                         f"{c['fraction']:.0%} ({c['slices_over']})",
                         f"{c['ours_ms']:.3f}",
-                        f"{c['floor_ms']:.3f}",
+                        f"{min(c['floor_ms_this_case'].values()):.3f}",
                         f"{c['naive_ms']:.3f}",
                         f"{c['renorm_ms']:.3f}",
                         f"{c['ours_vs_floor']:.2f}x",
@@ -72,11 +76,6 @@ def format_report(results: dict[str, Any]) -> str:
                     ]
                 )
             lines += _table(header, rows)
-            methods = sorted({c["floor_method"] for c in fam["cases"]})
-            lines.append(
-                f"read floor used: {', '.join(methods)} (the fastest of foreach_norm, "
-                "per-tensor vector_norm and per-tensor row norms)"
-            )
         else:
             header = [
                 "touched over", "SparseAdam ms", "wrapper step ms", "projection ms",
@@ -142,43 +141,83 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fams = results["families"]
-    fig, axes = plt.subplots(1, len(fams), figsize=(4.2 * len(fams), 4.6), squeeze=False)
-    for ax, (name, fam) in zip(axes[0], fams.items()):
+    panels = len(fams) + 1
+    cols = 3
+    nrows = (panels + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 4.4 * nrows), squeeze=False)
+    flat = list(axes.flat)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
+    for ax, (name, fam) in zip(flat, fams.items()):
         if fam["kind"] == "dense":
-            labels = ["ours", "naive", "renorm", *STEPS]
-            width = 0.8 / len(fam["cases"])
+            floor = fam["floor_ms"]
+            methods = [("ours", "ours_ms"), ("naive loop", "naive_ms"), ("renorm_", "renorm_ms")]
+            n = len(fam["cases"])
+            width = 0.8 / n
             for k, c in enumerate(fam["cases"]):
-                floor = c["floor_ms"]
-                vals = [c["ours_ms"], c["naive_ms"], c["renorm_ms"]]
-                vals += [fam["steps_ms"][s] for s in STEPS]
-                xs = [i + (k - (len(fam["cases"]) - 1) / 2) * width for i in range(len(labels))]
-                ax.bar(xs, [v / floor for v in vals], width, label=f"{c['fraction']:.0%} over")
+                xs = [i + (k - (n - 1) / 2) * width for i in range(len(methods))]
+                ax.bar(
+                    xs,
+                    [c[key] / floor for _, key in methods],
+                    width,
+                    color=colors[k % len(colors)],
+                    label=f"{c['fraction']:.0%} of slices over",
+                )
+            xs = [len(methods) + i for i in range(len(STEPS))]
+            ax.bar(
+                xs,
+                [fam["steps_ms"][s] / floor for s in STEPS],
+                0.6,
+                color="0.6",
+                label="optimizer step",
+            )
             ax.axhline(1.0, color="k", lw=0.8, ls="--")
-            ax.set_ylabel("time / read floor (one read of the weights)")
-            ax.set_xticks(range(len(labels)), labels, rotation=40, ha="right")
+            ax.set_ylabel(f"time / read floor ({floor:.3g} ms)")
+            labels = [m for m, _ in methods] + [f"{s} step" for s in STEPS]
         else:
             labels = ["SparseAdam step", "wrapper projection", "full max_norm_", "full naive"]
-            width = 0.8 / len(fam["cases"])
+            keys = [
+                "sparse_adam_step_ms",
+                "wrapper_projection_ms",
+                "full_table_max_norm_ms",
+                "full_table_naive_ms",
+            ]
+            n = len(fam["cases"])
+            width = 0.8 / n
             for k, c in enumerate(fam["cases"]):
-                vals = [
-                    c["sparse_adam_step_ms"],
-                    c["wrapper_projection_ms"],
-                    c["full_table_max_norm_ms"],
-                    c["full_table_naive_ms"],
-                ]
-                xs = [i + (k - (len(fam["cases"]) - 1) / 2) * width for i in range(len(labels))]
-                ax.bar(xs, vals, width, label=f"{c['fraction']:.0%} of touched rows over")
+                xs = [i + (k - (n - 1) / 2) * width for i in range(len(labels))]
+                ax.bar(
+                    xs,
+                    [c[key] for key in keys],
+                    width,
+                    color=colors[(k + 1) % len(colors)],
+                    label=f"{c['fraction']:.0%} of touched rows over",
+                )
             ax.set_ylabel("ms")
-            ax.set_xticks(range(len(labels)), labels, rotation=40, ha="right")
+        ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
         ax.set_yscale("log")
-        ax.set_title(name)
+        ax.set_title(f"{name} ({fam['num_weights']} weights, {_bytes(fam['weight_bytes'])})")
         ax.legend(fontsize=7)
+    ax = flat[len(fams)]
+    wrap = results["wrapper"]
+    labels, vals = [], []
+    for name, w in wrap.items():
+        labels += [f"{name}\nwrapper / (bare + max_norm_)", f"{name}\ntrack_stats on / off"]
+        vals += [w["wrapper_vs_bare_plus_max_norm"], w["track_stats_vs_off"]]
+    ax.bar(range(len(vals)), vals, 0.6, color="tab:purple")
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.axhline(1.05, color="tab:red", lw=0.8, ls=":", label="target 1.05")
+    ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
+    ax.set_ylim(0, max(1.2, *vals) * 1.1)
+    ax.set_title("wrapper overhead (Adam fused, 1% over)")
+    ax.legend(fontsize=7)
+    for extra in flat[len(fams) + 1 :]:
+        extra.axis("off")
     m = results["machine"]
     fig.suptitle(
-        f"maxnorm-optim on {m['device']} ({m['cpu']}, {m['threads']} thread(s), "
-        f"torch {m['torch']}){' - quick' if m['quick'] else ''}",
-        fontsize=10,
+        f"maxnorm-optim projection cost on {m['device']} ({m['cpu']}, {m['threads']} thread(s), "
+        f"torch {m['torch']}, git {m['git_commit'] or '?'}){' - QUICK run' if m['quick'] else ''}",
+        fontsize=11,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
