@@ -8,9 +8,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import bound, reference_dims, reference_project, slice_norms
 
 from maxnorm_optim import max_norm_
+
+from reference import bound, reference_dims, reference_project, slice_norms
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64]
 NORM_TYPES = [1.0, 1.5, 2.0, 3.0, math.inf]

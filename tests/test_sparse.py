@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from maxnorm_optim import MaxNormWrapper
+
 from reference import reference_project
 
 ROW_ONLY = [

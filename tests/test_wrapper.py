@@ -9,7 +9,6 @@ import pickle
 
 import pytest
 import torch
-from reference import reference_project, slice_norms
 from torch import nn
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
@@ -17,6 +16,8 @@ from torch.optim.optimizer import (
 )
 
 from maxnorm_optim import MaxNormWrapper, max_norm_
+
+from reference import reference_project, slice_norms
 
 MAX_NORM_KEYS = ("max_norm", "min_norm", "rate", "norm_dim", "norm_type", "error_if_nonfinite")
 
