@@ -35,7 +35,8 @@ def format_report(results: dict[str, Any]) -> str:
         + (f" ({m['gpu']})" if "gpu" in m else "")
         + f", torch {m['torch']}, {m['threads']} thread(s), git {m['git_commit'] or '?'}",
         f"timing: torch.utils.benchmark blocked_autorange(min_run_time={m['min_run_time_s']}),"
-        f" median, best of {m['rounds']} interleaved round(s); times exclude the re-arm",
+        f" median, best of {m['rounds']} interleaved round(s), clock: {m['clock']}; times"
+        " exclude the re-arm",
         "",
     ]
     for name, fam in results["families"].items():
