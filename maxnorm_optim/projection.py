@@ -164,6 +164,94 @@ class _Stats:
         return ProjectionStats(projected, slices, max_before)
 
 
+class _Batch(NamedTuple):
+    """Tensors whose slice norms are computed in one call (over their concatenation)."""
+
+    tensors: list[Tensor]  # same device and dtype, same trailing (norm) shape
+    names: list[str]
+    sizes: list[int]  # slices per tensor
+    norm_dims: tuple[int, ...]  # dims of each tensor (and of the concatenation) normed over
+    rows: Tensor | None  # for a single tensor: its (slices, slice_len) view
+    small: bool
+
+
+class Plan(NamedTuple):
+    """How a list of tensors is projected; reusable while the tensors stay the same."""
+
+    batches: list[_Batch]
+    generic: list[tuple[Tensor, tuple[int, ...] | None, str]]
+    selected: dict[int, tuple[Tensor, str]]
+
+
+def make_plan(
+    tensors: Sequence[Tensor],
+    norm_dim: NormDim,
+    names: Sequence[str] | None = None,
+    selected: Iterable[int] = (),
+) -> Plan:
+    """Group ``tensors`` for :func:`run_plan` (pure bookkeeping, no tensor math).
+
+    Args:
+        tensors: dense tensors the options' ``norm_dim`` fits.
+        norm_dim: as for :func:`max_norm_`.
+        names: names for error messages, one per tensor.
+        selected: indices of tensors whose slices are given per call (sparse rows).
+    """
+    names = names if names is not None else [f"tensor {i}" for i in range(len(tensors))]
+    selected = set(selected)
+    batchable: dict[tuple[Any, ...], list[tuple[Tensor, str]]] = {}
+    batches: list[_Batch] = []
+    generic: list[tuple[Tensor, tuple[int, ...] | None, str]] = []
+    chosen: dict[int, tuple[Tensor, str]] = {}
+    compiling = torch.compiler.is_compiling()
+    for i, t in enumerate(tensors):
+        if t.numel() == 0:
+            continue
+        if i in selected:
+            chosen[i] = (t, names[i])
+            continue
+        dims = resolve_norm_dim(norm_dim, t.dim())
+        lead = 0 if dims is None else dims[0]
+        if (
+            (dims is not None and dims != tuple(range(lead, t.dim())))
+            or _is_dtensor(t)
+            or not t.is_contiguous()
+        ):
+            generic.append((t, dims, names[i]))
+            continue
+        # Slices are the trailing dims from `lead` on: view the leading dims as one.
+        if lead != 1:
+            t = t.view(-1, *t.shape[lead:]) if lead else t.view(1, -1)
+        if t.numel() <= _SMALL_NUMEL and not compiling:
+            batchable.setdefault((t.device, t.dtype, t.shape[1:]), []).append((t, names[i]))
+        else:
+            batches.append(_single(t, names[i], small=False))
+    for members in batchable.values():
+        chunk: list[tuple[Tensor, str]] = []
+        size = 0
+        for t, name in members:
+            if chunk and size + t.numel() > _SCRATCH_NUMEL:
+                batches.append(_batch(chunk))
+                chunk, size = [], 0
+            chunk.append((t, name))
+            size += t.numel()
+        batches.append(_batch(chunk))
+    return Plan(batches, generic, chosen)
+
+
+def _single(t: Tensor, name: str, small: bool) -> _Batch:
+    dims = tuple(range(1, t.dim()))
+    return _Batch([t], [name], [t.shape[0]], dims, t.view(t.shape[0], -1), small)
+
+
+def _batch(members: list[tuple[Tensor, str]]) -> _Batch:
+    if len(members) == 1:
+        return _single(*members[0], small=True)
+    tensors = [t for t, _ in members]
+    dims = tuple(range(1, tensors[0].dim()))
+    return _Batch(tensors, [n for _, n in members], [t.shape[0] for t in tensors], dims, None, True)
+
+
 def project_(
     tensors: Sequence[Tensor],
     options: dict[str, Any],
@@ -172,6 +260,7 @@ def project_(
     rows: dict[int, Tensor] | None = None,
     track_stats: bool = False,
     skip: Tensor | None = None,
+    plan: Plan | None = None,
 ) -> ProjectionStats | None:
     """Project ``tensors`` in place with already-validated ``options``.
 
@@ -184,113 +273,81 @@ def project_(
         track_stats: return a :class:`ProjectionStats`.
         skip: optional 0-d tensor; where nonzero nothing is changed (see
             :func:`scale_factors`).
+        plan: a :func:`make_plan` of the same tensors (and ``rows`` keys), to reuse.
     """
     stats = _Stats() if track_stats else None
+    device = tensors[0].device if tensors else None
     if options["max_norm"] == math.inf and options["min_norm"] == 0.0:
-        return stats.result(tensors[0].device if tensors else None) if stats else None
-    names = names if names is not None else [f"tensor {i}" for i in range(len(tensors))]
-    _project_pass(tensors, options, names, rows, stats, skip)
+        return stats.result(device) if stats else None
+    if plan is None:
+        plan = make_plan(tensors, options["norm_dim"], names, rows or ())
+    run_plan(plan, options, rows, stats, skip)
     if options["norm_type"] not in (2.0, math.inf) and options["rate"] == 1.0:
         # Norms other than 2 and inf round less tightly: settle slices that came out a
         # few ulps above the bound (in-bound slices are untouched by these passes).
         for ulps in _EXTRA_PASS_ULPS:
-            _project_pass(tensors, {**options, "_ulps": ulps}, names, rows, None, skip)
-    if stats is None:
-        return None
-    return stats.result(tensors[0].device if tensors else None)
+            run_plan(plan, {**options, "_ulps": ulps}, rows, None, skip)
+    return stats.result(device) if stats else None
 
 
-def _project_pass(
-    tensors: Sequence[Tensor],
+def run_plan(
+    plan: Plan,
     options: dict[str, Any],
-    names: Sequence[str],
-    rows: dict[int, Tensor] | None,
-    stats: _Stats | None,
-    skip: Tensor | None,
+    rows: dict[int, Tensor] | None = None,
+    stats: _Stats | None = None,
+    skip: Tensor | None = None,
 ) -> None:
+    """One projection pass over a :class:`Plan`."""
     p = options["norm_type"]
     check = options["error_if_nonfinite"]
-    batches: dict[tuple[torch.device, torch.dtype, int], list[tuple[Tensor, str]]] = {}
-
-    for i, t in enumerate(tensors):
-        if t.numel() == 0:
-            continue
-        dims = resolve_norm_dim(options["norm_dim"], t.dim())
-        acc = _norm_dtype(t.dtype)
-        if rows is not None and i in rows:
-            _project_selected_rows(t, rows[i], options, acc, names[i], stats, skip)
-            continue
-        lead = 0 if dims is None else dims[0]
-        trailing = dims is None or dims == tuple(range(lead, t.dim()))
-        if not trailing or _is_dtensor(t) or not t.is_contiguous():
-            norms = torch.linalg.vector_norm(t, p, dim=dims, keepdim=True, dtype=acc)
-            if check:
-                _check_finite(norms, names[i])
-            factors = scale_factors(norms, options, skip, t.dtype)
-            if stats is not None:
-                stats.add(norms, factors)
-            t.mul_(factors)
-            continue
-        view = t.view(-1, math.prod(t.shape[lead:]))
-        if t.numel() <= _SMALL_NUMEL and not torch.compiler.is_compiling():
-            batches.setdefault((t.device, t.dtype, view.shape[1]), []).append((view, names[i]))
-            continue
-        norms = torch.linalg.vector_norm(view, p, dim=1, dtype=acc)
+    for t, dims, name in plan.generic:
+        norms = torch.linalg.vector_norm(t, p, dim=dims, keepdim=True, dtype=_norm_dtype(t.dtype))
         if check:
-            _check_finite(norms, names[i])
+            _check_finite(norms, name)
         factors = scale_factors(norms, options, skip, t.dtype)
         if stats is not None:
             stats.add(norms, factors)
-        _scale_rows_(view, factors, small=False)
-
-    for members in batches.values():
-        for chunk in _chunks(members):
-            _project_batch(chunk, options, check, stats, skip)
-
-
-def _chunks(members: list[tuple[Tensor, str]]) -> Iterable[list[tuple[Tensor, str]]]:
-    chunk: list[tuple[Tensor, str]] = []
-    size = 0
-    for view, name in members:
-        if chunk and size + view.numel() > _SCRATCH_NUMEL:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append((view, name))
-        size += view.numel()
-    if chunk:
-        yield chunk
+        t.mul_(factors)
+    for i, (t, name) in plan.selected.items():
+        assert rows is not None
+        _project_selected_rows(t, rows[i], options, _norm_dtype(t.dtype), name, stats, skip)
+    for batch in plan.batches:
+        _run_batch(batch, options, check, stats, skip)
 
 
-def _project_batch(
-    chunk: list[tuple[Tensor, str]],
+def _run_batch(
+    batch: _Batch,
     options: dict[str, Any],
     check: bool,
     stats: _Stats | None,
     skip: Tensor | None,
 ) -> None:
-    views = [v for v, _ in chunk]
-    acc = _norm_dtype(views[0].dtype)
-    p = options["norm_type"]
-    if len(views) == 1:
-        norms = torch.linalg.vector_norm(views[0], p, dim=1, dtype=acc)
-    else:
-        norms = torch.linalg.vector_norm(torch.cat(views), p, dim=1, dtype=acc)
+    tensors = batch.tensors
+    dtype = tensors[0].dtype
+    src = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+    norms = torch.linalg.vector_norm(
+        src, options["norm_type"], dim=batch.norm_dims, dtype=_norm_dtype(dtype)
+    )
     if check and not bool(torch.isfinite(norms).all()):
-        for (_, name), n in zip(chunk, norms.split([v.shape[0] for v in views])):
+        for name, n in zip(batch.names, norms.split(batch.sizes)):
             _check_finite(n, name)
-    factors = scale_factors(norms, options, skip, views[0].dtype)
+    factors = scale_factors(norms, options, skip, dtype)
     if stats is not None:
         stats.add(norms, factors)
-    per_view = factors.unsqueeze(1).split([v.shape[0] for v in views])
-    if _sync_free(views[0]):
-        torch._foreach_mul_(views, list(per_view))
+    if batch.rows is not None:
+        _scale_rows_(batch.rows, factors, small=batch.small)
         return
+    per_tensor = factors.view(-1, *[1] * len(batch.norm_dims)).split(batch.sizes)
+    if _sync_free(tensors[0]):
+        torch._foreach_mul_(tensors, list(per_tensor))
+        return
+    # CPU: multiply only the tensors with at least one slice to scale.
     changed = (factors != 1).cumsum(0)
-    ends = torch.tensor([v.shape[0] for v in views]).cumsum(0)
-    counts = changed.index_select(0, ends - 1).diff(prepend=changed.new_zeros(1)).tolist()
+    ends = changed.index_select(0, torch.tensor(batch.sizes).cumsum(0) - 1)
+    counts = ends.diff(prepend=ends.new_zeros(1)).tolist()
     todo = [k for k, c in enumerate(counts) if c]
     if todo:
-        torch._foreach_mul_([views[k] for k in todo], [per_view[k] for k in todo])
+        torch._foreach_mul_([tensors[k] for k in todo], [per_tensor[k] for k in todo])
 
 
 def _project_selected_rows(

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .param_groups import sparse_rows_only
-from .projection import ProjectionStats, project_
+from .projection import Plan, ProjectionStats, make_plan, project_
 from .validation import GROUP_DEFAULTS, PER_UNIT, NormDim, normalize_options, validate_group
 
 __all__ = ["MaxNormWrapper"]
@@ -137,6 +137,7 @@ class MaxNormWrapper(Optimizer):
         self.optimizer = optimizer
         self.track_stats = track_stats
         self._stats: list[ProjectionStats | None] = []
+        self._plans: dict[int, tuple[Any, Plan]] = {}
         # Groups (by identity) seen by the last step, with the indices of their params
         # whose every row has been projected since (for the sparse touched-rows rule).
         self._seen: list[tuple[dict[str, Any], set[int]]] = []
@@ -166,6 +167,7 @@ class MaxNormWrapper(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._stats = []
+        self._plans = {}
         self._init_optimizer_attributes()
 
     # -- live views onto the base ------------------------------------------------------
@@ -350,6 +352,37 @@ class MaxNormWrapper(Optimizer):
                 post_hook(base, args, kwargs)
         return out
 
+    def _plan(
+        self,
+        index: int,
+        group: dict[str, Any],
+        tensors: list[Tensor],
+        rows: dict[int, Tensor],
+        options: dict[str, Any],
+    ) -> Plan:
+        """The group's projection plan, rebuilt only when its tensors or options change."""
+        key = (
+            tuple(map(id, tensors)),
+            tuple(t.data_ptr() for t in tensors),
+            options["norm_dim"],
+            tuple(rows),
+            options["error_if_nonfinite"],
+        )
+        cached = self._plans.get(index)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        names = None
+        if options["error_if_nonfinite"]:
+            labels = group.get("param_names") or range(len(group["params"]))
+            by_id = {id(p): label for label, p in zip(labels, group["params"])}
+            names = [
+                f"parameter {by_id[id(t)]!r} of param group {index} (shape {tuple(t.shape)})"
+                for t in tensors
+            ]
+        plan = make_plan(tensors, options["norm_dim"], names, rows)
+        self._plans[index] = (key, plan)
+        return plan
+
     @torch.no_grad()
     def _project(
         self,
@@ -368,34 +401,24 @@ class MaxNormWrapper(Optimizer):
             tensors, rows = [], {}
             for j, p in enumerate(group["params"]):
                 grad = p.grad
-                if only_with_grad and grad is None:
-                    continue
-                if (
-                    only_with_grad
-                    and grad is not None
-                    and grad.is_sparse
-                    and j in done
-                    and sparse_rows_only(self.optimizer, group, p)
-                ):
-                    rows[len(tensors)] = grad.coalesce().indices()[0]
+                if grad is None:
+                    if only_with_grad:
+                        continue
+                elif grad.is_sparse and only_with_grad:
+                    if j in done and sparse_rows_only(self.optimizer, group, p):
+                        rows[len(tensors)] = grad.coalesce().indices()[0]
+                    done.add(j)
                 tensors.append(p)
-                done.add(j)
-            names = None
-            if options["error_if_nonfinite"]:
-                labels = group.get("param_names") or range(len(group["params"]))
-                names = [
-                    f"parameter {label!r} of param group {i} (shape {tuple(p.shape)})"
-                    for label, p in zip(labels, group["params"])
-                    if not only_with_grad or p.grad is not None
-                ]
+            if not only_with_grad:
+                done.update(range(len(group["params"])))
             stats.append(
                 project_(
                     tensors,
                     options,
-                    names=names,
                     rows=rows or None,
                     track_stats=self.track_stats,
                     skip=skip,
+                    plan=self._plan(i, group, tensors, rows, options),
                 )
             )
         self._seen = records
