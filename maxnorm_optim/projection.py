@@ -173,6 +173,7 @@ class _Batch(NamedTuple):
     norm_dims: tuple[int, ...]  # dims of each tensor (and of the concatenation) normed over
     rows: Tensor | None  # for a single tensor: its (slices, slice_len) view
     small: bool
+    owner: Tensor | None  # for several tensors: index of the tensor each slice is in
 
 
 class Plan(NamedTuple):
@@ -181,6 +182,7 @@ class Plan(NamedTuple):
     batches: list[_Batch]
     generic: list[tuple[Tensor, tuple[int, ...] | None, str]]
     selected: dict[int, tuple[Tensor, str]]
+    dtensors: list[tuple[Tensor, str]]  # FSDP2 / tensor parallel: see .distributed
 
 
 def make_plan(
@@ -203,18 +205,22 @@ def make_plan(
     batches: list[_Batch] = []
     generic: list[tuple[Tensor, tuple[int, ...] | None, str]] = []
     chosen: dict[int, tuple[Tensor, str]] = {}
+    dtensors: list[tuple[Tensor, str]] = []
     compiling = torch.compiler.is_compiling()
     for i, t in enumerate(tensors):
-        if t.numel() == 0:
+        if t.numel() == 0 and not _is_dtensor(t):
             continue
         if i in selected:
             chosen[i] = (t, names[i])
             continue
+        if _is_dtensor(t):
+            dtensors.append((t, names[i]))
+            continue
         dims = resolve_norm_dim(norm_dim, t.dim())
         lead = 0 if dims is None else dims[0]
         if (
-            (dims is not None and dims != tuple(range(lead, t.dim())))
-            or _is_dtensor(t)
+            compiling  # inductor fuses the plain form; views of params confuse it
+            or (dims is not None and dims != tuple(range(lead, t.dim())))
             or not t.is_contiguous()
         ):
             generic.append((t, dims, names[i]))
@@ -222,7 +228,7 @@ def make_plan(
         # Slices are the trailing dims from `lead` on: view the leading dims as one.
         if lead != 1:
             t = t.view(-1, *t.shape[lead:]) if lead else t.view(1, -1)
-        if t.numel() <= _SMALL_NUMEL and not compiling:
+        if t.numel() <= _SMALL_NUMEL:
             batchable.setdefault((t.device, t.dtype, t.shape[1:]), []).append((t, names[i]))
         else:
             batches.append(_single(t, names[i], small=False))
@@ -236,12 +242,12 @@ def make_plan(
             chunk.append((t, name))
             size += t.numel()
         batches.append(_batch(chunk))
-    return Plan(batches, generic, chosen)
+    return Plan(batches, generic, chosen, dtensors)
 
 
 def _single(t: Tensor, name: str, small: bool) -> _Batch:
     dims = tuple(range(1, t.dim()))
-    return _Batch([t], [name], [t.shape[0]], dims, t.view(t.shape[0], -1), small)
+    return _Batch([t], [name], [t.shape[0]], dims, t.view(t.shape[0], -1), small, None)
 
 
 def _batch(members: list[tuple[Tensor, str]]) -> _Batch:
@@ -249,7 +255,10 @@ def _batch(members: list[tuple[Tensor, str]]) -> _Batch:
         return _single(*members[0], small=True)
     tensors = [t for t, _ in members]
     dims = tuple(range(1, tensors[0].dim()))
-    return _Batch(tensors, [n for _, n in members], [t.shape[0] for t in tensors], dims, None, True)
+    sizes = [t.shape[0] for t in tensors]
+    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    owner = owner.to(tensors[0].device)
+    return _Batch(tensors, [n for _, n in members], sizes, dims, None, True, owner)
 
 
 def project_(
@@ -265,7 +274,7 @@ def project_(
     """Project ``tensors`` in place with already-validated ``options``.
 
     Args:
-        tensors: dense tensors; ``norm_dim`` must fit each of them.
+        tensors: dense tensors or DTensors; ``norm_dim`` must fit each of them.
         options: canonical max-norm options (see :func:`normalize_options`).
         names: names for error messages, one per tensor.
         rows: optional ``{index in tensors: 1-d index tensor}``; for those tensors only
@@ -281,6 +290,11 @@ def project_(
         return stats.result(device) if stats else None
     if plan is None:
         plan = make_plan(tensors, options["norm_dim"], names, rows or ())
+    if plan.dtensors:
+        from .distributed import project_dtensors_
+
+        dts = plan.dtensors
+        project_dtensors_([t for t, _ in dts], options, [n for _, n in dts], stats, skip)
     run_plan(plan, options, rows, stats, skip)
     if options["norm_type"] not in (2.0, math.inf) and options["rate"] == 1.0:
         # Norms other than 2 and inf round less tightly: settle slices that came out a
@@ -342,10 +356,8 @@ def _run_batch(
         torch._foreach_mul_(tensors, list(per_tensor))
         return
     # CPU: multiply only the tensors with at least one slice to scale.
-    changed = (factors != 1).cumsum(0)
-    ends = changed.index_select(0, torch.tensor(batch.sizes).cumsum(0) - 1)
-    counts = ends.diff(prepend=ends.new_zeros(1)).tolist()
-    todo = [k for k, c in enumerate(counts) if c]
+    assert batch.owner is not None
+    todo = batch.owner[factors != 1].unique().tolist()
     if todo:
         torch._foreach_mul_([tensors[k] for k in todo], [per_tensor[k] for k in todo])
 

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .param_groups import sparse_rows_only
-from .projection import Plan, ProjectionStats, make_plan, project_
+from .projection import Plan, ProjectionStats, _is_dtensor, make_plan, project_
 from .validation import GROUP_DEFAULTS, PER_UNIT, NormDim, normalize_options, validate_group
 
 __all__ = ["MaxNormWrapper"]
@@ -271,6 +271,12 @@ class MaxNormWrapper(Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Run the base step (``closure`` passed through), then project.
 
+        The parameters of constrained groups that have a gradient are projected, and
+        every ``DTensor`` parameter (FSDP2, tensor parallel) of those groups whether or
+        not it has one: its projection may need a collective, so all ranks must project
+        the same parameters. With ``DTensor`` parameters every rank must call
+        ``step()`` (see ``docs/distributed.md``).
+
         Returns:
             the loss returned by the base step.
         """
@@ -279,8 +285,24 @@ class MaxNormWrapper(Optimizer):
         # A fused base given `found_inf` by GradScaler skips its own update on inf; the
         # projection is gated on the same flag (no host sync).
         skip = getattr(self.optimizer, "found_inf", None)
-        self._project(groups, only_with_grad=True, skip=skip)
+        if not self._no_update():
+            self._project(groups, only_with_grad=True, skip=skip)
         return loss
+
+    def _no_update(self) -> bool:
+        """Whether every group has ``lr == 0``: the base then updates nothing, and
+        nothing is projected. (``torch.distributed.checkpoint`` initialises optimizer
+        state by such a step with zero grads; it must not move the weights.) Only
+        Python numbers and CPU tensors are read, so this never waits for a device.
+        """
+        for group in self.param_groups:
+            lr = group.get("lr")
+            if isinstance(lr, Tensor):
+                if lr.device.type != "cpu" or torch.compiler.is_compiling() or lr.item() != 0:
+                    return False
+            elif lr != 0:
+                return False
+        return bool(self.param_groups)
 
     @torch.no_grad()
     def project(self) -> None:
@@ -402,7 +424,8 @@ class MaxNormWrapper(Optimizer):
             for j, p in enumerate(group["params"]):
                 grad = p.grad
                 if grad is None:
-                    if only_with_grad:
+                    # DTensors are projected by group membership (see step()).
+                    if only_with_grad and not _is_dtensor(p):
                         continue
                 elif grad.is_sparse and only_with_grad:
                     if j in done and sparse_rows_only(self.optimizer, group, p):
@@ -418,7 +441,9 @@ class MaxNormWrapper(Optimizer):
                     rows=rows or None,
                     track_stats=self.track_stats,
                     skip=skip,
-                    plan=self._plan(i, group, tensors, rows, options),
+                    plan=None
+                    if torch.compiler.is_compiling()
+                    else self._plan(i, group, tensors, rows, options),
                 )
             )
         self._seen = records

@@ -141,7 +141,7 @@ def test_error_if_nonfinite_names_the_parameter():
     with torch.no_grad():
         model[2].weight[1, 1] = float("nan")
     opt = MaxNormWrapper(
-        torch.optim.SGD(model.parameters(), lr=0.0), max_norm=1.0, error_if_nonfinite=True
+        torch.optim.SGD(model.parameters(), lr=1e-3), max_norm=1.0, error_if_nonfinite=True
     )
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -155,7 +155,7 @@ def test_error_if_nonfinite_uses_param_names():
     model = make_model()
     with torch.no_grad():
         model[0].weight[0, 0] = float("inf")
-    base = torch.optim.SGD(model.named_parameters(), lr=0.0)
+    base = torch.optim.SGD(model.named_parameters(), lr=1e-3)
     opt = MaxNormWrapper(base, max_norm=1.0, error_if_nonfinite=True)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -573,3 +573,39 @@ def test_copies_of_the_wrapper_work_and_project(how):
     assert m2[0].weight.norm(dim=1).max() <= 0.3
     with pytest.raises(ValueError, match="already wrapped"):
         MaxNormWrapper(o2.optimizer)
+
+
+def test_a_step_with_zero_lr_everywhere_projects_nothing():
+    """torch.distributed.checkpoint initialises state with such a step: weights must stay."""
+    model = make_model()
+    with torch.no_grad():
+        model[0].weight.mul_(100)
+    before = [p.clone() for p in model.parameters()]
+    opt = MaxNormWrapper(torch.optim.Adam(groups_for(model, max_norm=0.5), lr=0.0))
+    train_step(model, opt, 0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    opt.param_groups[1]["lr"] = torch.tensor(1e-3)
+    train_step(model, opt, 1)  # one group updates: the constrained groups are projected
+    assert model[0].weight.norm(dim=1).max() <= 0.5
+
+
+def test_dcp_get_optimizer_state_dict_keeps_weights_and_max_norm_keys():
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model = make_model()
+    with torch.no_grad():
+        model[0].weight.mul_(100)
+    before = [p.clone() for p in model.parameters()]
+    opt = MaxNormWrapper(torch.optim.Adam(groups_for(model, max_norm=0.5, norm_type=1.0)))
+    osd = get_optimizer_state_dict(model, opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert osd["param_groups"][0]["max_norm"] == 0.5
+    assert osd["param_groups"][0]["norm_type"] == 1.0
+    opt.param_groups[0]["max_norm"] = 2.0
+    set_optimizer_state_dict(model, opt, osd)
+    assert opt.param_groups[0]["max_norm"] == 0.5
+    train_step(model, opt, 0)
+    assert model[0].weight.norm(dim=1).max() <= 0.5
