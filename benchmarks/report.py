@@ -104,7 +104,10 @@ def format_report(results: dict[str, Any]) -> str:
                 )
             lines += _table(header, rows)
         lines.append("")
-    lines.append("== wrapper overhead (base: Adam fused, 1% of slices over) ==")
+    lines.append(
+        "== wrapper overhead (base: Adam fused, 1% of slices over; ratios: median over "
+        "rounds of the per-round ratio, times: best round) =="
+    )
     header = [
         "family", "bare step ms", "bare + max_norm_ ms", "wrapper ms", "wrapper/(bare+max_norm_)",
         "track_stats ms", "track_stats on/off",
