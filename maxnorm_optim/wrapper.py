@@ -41,6 +41,21 @@ def _keep_max_norm_keys(optimizer: Optimizer, state_dict: dict[str, Any]) -> dic
     return {**state_dict, "param_groups": merged}
 
 
+def _ensure_hook_dicts(optimizer: Optimizer) -> None:
+    """Give a base that never ran ``Optimizer.__init__`` (e.g. ``torch_optimizer.Lookahead``)
+    the hook registries, as ``Optimizer.__setstate__`` does."""
+    for name in (
+        "_optimizer_step_pre_hooks",
+        "_optimizer_step_post_hooks",
+        "_optimizer_state_dict_pre_hooks",
+        "_optimizer_state_dict_post_hooks",
+        "_optimizer_load_state_dict_pre_hooks",
+        "_optimizer_load_state_dict_post_hooks",
+    ):
+        if not isinstance(getattr(optimizer, name, None), dict):
+            setattr(optimizer, name, OrderedDict())
+
+
 def _is_wrapped(optimizer: Optimizer) -> bool:
     hooks = getattr(optimizer, "_optimizer_load_state_dict_pre_hooks", {})
     return any(h is _keep_max_norm_keys for h in hooks.values())
@@ -130,6 +145,7 @@ class MaxNormWrapper(Optimizer):
         )
         checked = [validate_group(i, g, defaults) for i, g in enumerate(optimizer.param_groups)]
         # Everything is valid: only now write anything.
+        _ensure_hook_dicts(optimizer)
         for key, value in defaults.items():
             optimizer.defaults.setdefault(key, value)
         for group, options in zip(optimizer.param_groups, checked):
@@ -154,6 +170,7 @@ class MaxNormWrapper(Optimizer):
         self._warned_capturable_if_run_uncaptured = True
         self._patch_step_function()
         if not _is_wrapped(self.optimizer):
+            _ensure_hook_dicts(self.optimizer)
             self.optimizer.register_load_state_dict_pre_hook(_keep_max_norm_keys)
 
     def __getstate__(self) -> dict[str, Any]:
