@@ -56,12 +56,15 @@ def max_norm_param_groups(
     Args:
         module: the model.
         max_norm: the bound for the constrained groups.
-        norm_type, min_norm, rate, error_if_nonfinite: as for :class:`MaxNormWrapper`.
+        norm_type: as for :class:`MaxNormWrapper`.
+        min_norm: as for :class:`MaxNormWrapper`.
+        rate: as for :class:`MaxNormWrapper`.
+        error_if_nonfinite: as for :class:`MaxNormWrapper`.
 
     Returns:
         a list of param-group dicts for any optimizer.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8))
         >>> [(g["max_norm"], len(g["params"])) for g in max_norm_param_groups(model, 3.0)]
         [(3.0, 1), (None, 3)]

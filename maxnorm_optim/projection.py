@@ -25,6 +25,7 @@ The fast paths, chosen per tensor:
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -98,21 +99,25 @@ def scale_factors(
     margin = eps * options.get("_ulps", _SAFETY_ULPS)
     if value_dtype in (torch.float16, torch.bfloat16):
         margin += torch.finfo(value_dtype).eps / 2
-    finite = torch.isfinite(norms)
-    over = (norms > hi) & finite
-    target = norms.clamp(max=hi) * (1.0 - margin)
+    over = norms > hi
+    if math.isfinite(hi):
+        over &= norms != math.inf  # slices holding inf are left alone
+    if lo == 0.0 and rate == 1.0:
+        target = norms.new_full((), hi * (1.0 - margin))
+    else:
+        target = norms.clamp(max=hi) * (1.0 - margin)
     if lo > 0:
         # Scaled-up slices land on min_norm within rounding; the band below min_norm
-        # keeps them from being scaled again (projecting twice equals once).
-        under = (norms < lo * (1.0 - margin - 2 * eps)) & (norms > 0) & finite
+        # keeps them from being scaled again (projecting twice equals once). NaN and
+        # inf norms compare False.
+        under = (norms < lo * (1.0 - margin - 2 * eps)) & (norms > 0)
         target = torch.where(under, norms.clamp(min=lo), target)
-        over = over | under
+        over |= under
     if skip is not None:
-        over = over & (skip.to(norms.device) == 0)
+        over &= skip.to(norms.device) == 0
     if rate != 1.0:
         target = rate * target + (1.0 - rate) * norms
-    one = torch.ones((), dtype=norms.dtype, device=norms.device)
-    return torch.where(over, target / norms, one)
+    return torch.where(over, target / norms, 1.0)
 
 
 def _check_finite(norms: Tensor, name: str) -> None:
@@ -174,6 +179,8 @@ class _Batch(NamedTuple):
     rows: Tensor | None  # for a single tensor: its (slices, slice_len) view
     small: bool
     owner: Tensor | None  # for several tensors: index of the tensor each slice is in
+    scratch: Tensor | None  # for several tensors: reused buffer their slices are copied to
+    offsets: list[int]  # for several tensors: first slice of each in the concatenation
 
 
 class Plan(NamedTuple):
@@ -191,74 +198,91 @@ def make_plan(
     names: Sequence[str] | None = None,
     selected: Iterable[int] = (),
 ) -> Plan:
-    """Group ``tensors`` for :func:`run_plan` (pure bookkeeping, no tensor math).
+    """Group ``tensors`` for :func:`run_plan` (bookkeeping; no tensor math).
 
     Args:
-        tensors: dense tensors the options' ``norm_dim`` fits.
+        tensors: dense tensors or DTensors.
         norm_dim: as for :func:`max_norm_`.
-        names: names for error messages, one per tensor.
+        names: names for error messages, one per tensor (default ``"tensor i"``).
         selected: indices of tensors whose slices are given per call (sparse rows).
+
+    Raises:
+        ValueError: if ``norm_dim`` does not fit a tensor (naming it and its shape).
     """
-    names = names if names is not None else [f"tensor {i}" for i in range(len(tensors))]
+    label = names.__getitem__ if names is not None else "tensor {}".format
     selected = set(selected)
-    batchable: dict[tuple[Any, ...], list[tuple[Tensor, str]]] = {}
+    batchable: dict[tuple[Any, ...], list[tuple[Tensor, str, int]]] = {}
     batches: list[_Batch] = []
     generic: list[tuple[Tensor, tuple[int, ...] | None, str]] = []
     chosen: dict[int, tuple[Tensor, str]] = {}
     dtensors: list[tuple[Tensor, str]] = []
     compiling = torch.compiler.is_compiling()
+    layouts: dict[int, tuple[tuple[int, ...] | None, int | None]] = {}
     for i, t in enumerate(tensors):
-        if t.numel() == 0 and not _is_dtensor(t):
+        ndim = t.dim()
+        layout = layouts.get(ndim)
+        if layout is None:
+            try:
+                dims = resolve_norm_dim(norm_dim, ndim)
+            except IndexError as err:
+                raise ValueError(
+                    f"norm_dim={norm_dim!r} does not fit {label(i)} of shape "
+                    f"{tuple(t.shape)} ({err})"
+                ) from None
+            # Slices over trailing dims from `lead` on can be viewed as rows.
+            lead = 0 if dims is None else dims[0]
+            trailing = dims is None or dims == tuple(range(lead, ndim))
+            layout = layouts[ndim] = (dims, lead if trailing and not compiling else None)
+        dims, lead = layout
+        numel = t.numel()
+        if selected and i in selected:
+            chosen[i] = (t, label(i))
+        elif _is_dtensor(t):
+            dtensors.append((t, label(i)))
+        elif numel == 0:
             continue
-        if i in selected:
-            chosen[i] = (t, names[i])
-            continue
-        if _is_dtensor(t):
-            dtensors.append((t, names[i]))
-            continue
-        dims = resolve_norm_dim(norm_dim, t.dim())
-        lead = 0 if dims is None else dims[0]
-        if (
-            compiling  # inductor fuses the plain form; views of params confuse it
-            or (dims is not None and dims != tuple(range(lead, t.dim())))
-            or not t.is_contiguous()
-        ):
-            generic.append((t, dims, names[i]))
-            continue
-        # Slices are the trailing dims from `lead` on: view the leading dims as one.
-        if lead != 1:
-            t = t.view(-1, *t.shape[lead:]) if lead else t.view(1, -1)
-        if t.numel() <= _SMALL_NUMEL:
-            batchable.setdefault((t.device, t.dtype, t.shape[1:]), []).append((t, names[i]))
+        elif lead is None or not t.is_contiguous():
+            generic.append((t, dims, label(i)))
         else:
-            batches.append(_single(t, names[i], small=False))
+            if lead != 1:
+                t = t.view(-1, *t.shape[lead:]) if lead else t.view(1, -1)
+            if numel <= _SMALL_NUMEL:
+                key = (t.dtype, t.shape[1:], t.device)
+                batchable.setdefault(key, []).append((t, label(i), numel))
+            else:
+                batches.append(_single(t, label(i), small=False))
     for members in batchable.values():
         chunk: list[tuple[Tensor, str]] = []
         size = 0
-        for t, name in members:
-            if chunk and size + t.numel() > _SCRATCH_NUMEL:
+        for t, name, numel in members:
+            if chunk and size + numel > _SCRATCH_NUMEL:
                 batches.append(_batch(chunk))
                 chunk, size = [], 0
             chunk.append((t, name))
-            size += t.numel()
+            size += numel
         batches.append(_batch(chunk))
     return Plan(batches, generic, chosen, dtensors)
 
 
 def _single(t: Tensor, name: str, small: bool) -> _Batch:
     dims = tuple(range(1, t.dim()))
-    return _Batch([t], [name], [t.shape[0]], dims, t.view(t.shape[0], -1), small, None)
+    return _Batch([t], [name], [t.shape[0]], dims, t.view(t.shape[0], -1), small, None, None, [])
 
 
 def _batch(members: list[tuple[Tensor, str]]) -> _Batch:
     if len(members) == 1:
         return _single(*members[0], small=True)
     tensors = [t for t, _ in members]
-    dims = tuple(range(1, tensors[0].dim()))
+    first = tensors[0]
+    dims = tuple(range(1, first.dim()))
     sizes = [t.shape[0] for t in tensors]
     owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    owner = owner.to(tensors[0].device)
-    return _Batch(tensors, [n for _, n in members], sizes, dims, None, True, owner)
+    scratch = torch.empty((sum(sizes), *first.shape[1:]), dtype=first.dtype, device=first.device)
+    offsets = [0, *itertools.accumulate(sizes)]
+    return _Batch(
+        tensors, [n for _, n in members], sizes, dims, None, True, owner.to(first.device),
+        scratch, offsets,
+    )  # fmt: skip
 
 
 def project_(
@@ -338,7 +362,7 @@ def _run_batch(
 ) -> None:
     tensors = batch.tensors
     dtype = tensors[0].dtype
-    src = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+    src = tensors[0] if batch.scratch is None else torch.cat(tensors, out=batch.scratch)
     norms = torch.linalg.vector_norm(
         src, options["norm_type"], dim=batch.norm_dims, dtype=_norm_dtype(dtype)
     )
@@ -351,15 +375,16 @@ def _run_batch(
     if batch.rows is not None:
         _scale_rows_(batch.rows, factors, small=batch.small)
         return
-    per_tensor = factors.view(-1, *[1] * len(batch.norm_dims)).split(batch.sizes)
+    column = factors.view(-1, *[1] * len(batch.norm_dims))
     if _sync_free(tensors[0]):
-        torch._foreach_mul_(tensors, list(per_tensor))
+        torch._foreach_mul_(tensors, list(column.split(batch.sizes)))
         return
     # CPU: multiply only the tensors with at least one slice to scale.
     assert batch.owner is not None
     todo = batch.owner[factors != 1].unique().tolist()
     if todo:
-        torch._foreach_mul_([tensors[k] for k in todo], [per_tensor[k] for k in todo])
+        at = batch.offsets
+        torch._foreach_mul_([tensors[k] for k in todo], [column[at[k] : at[k + 1]] for k in todo])
 
 
 def _project_selected_rows(
@@ -437,12 +462,6 @@ def max_norm_(
             raise TypeError(f"max_norm_: expected tensors, but item {i} is {type(t).__name__}")
         if t.layout != torch.strided:
             raise TypeError(f"max_norm_: tensor {i} has layout {t.layout}; only dense tensors")
-        try:
-            resolve_norm_dim(options["norm_dim"], t.dim())
-        except IndexError as err:
-            raise ValueError(
-                f"max_norm_: norm_dim={norm_dim!r} does not fit tensor {i} of shape "
-                f"{tuple(t.shape)} ({err})"
-            ) from None
+    plan = make_plan(tensors, options["norm_dim"])  # raises if norm_dim does not fit
     with torch.no_grad():
-        project_(tensors, options)
+        project_(tensors, options, plan=plan)

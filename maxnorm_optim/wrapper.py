@@ -97,7 +97,7 @@ class MaxNormWrapper(Optimizer):
             the largest norm before projection; read them with :meth:`constraint_stats`.
             Default: ``False``.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(4, 3)
         >>> opt = MaxNormWrapper(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=1.0)
         >>> model(torch.randn(8, 4)).pow(2).sum().backward()
@@ -327,14 +327,16 @@ class MaxNormWrapper(Optimizer):
         self._project(self._check_new_groups(), only_with_grad=False)
 
     def constraint_stats(self) -> list[dict[str, Tensor] | None]:
-        """Per param group, what the last step's projection did (``track_stats=True``).
+        """Per param group, what the last projection (``step()`` or ``project()``) did.
+
+        Needs ``track_stats=True``.
 
         Each constrained group gets a dict of tensors on its parameters' device (read
         them with ``.item()``, which is when the host waits for the device):
         ``projected`` (slices scaled), ``slices`` (slices looked at),
         ``max_norm_before`` (largest slice norm before projection) and
         ``share_projected`` (``projected / slices``). Unconstrained groups, and every
-        group before the first step, give ``None``.
+        group before the first projection, give ``None``.
         """
         if not self.track_stats:
             raise RuntimeError("constraint_stats() needs MaxNormWrapper(..., track_stats=True)")

@@ -609,3 +609,17 @@ def test_dcp_get_optimizer_state_dict_keeps_weights_and_max_norm_keys():
     assert opt.param_groups[0]["max_norm"] == 0.5
     train_step(model, opt, 0)
     assert model[0].weight.norm(dim=1).max() <= 0.5
+
+
+def test_max_norm_function_validates_before_touching_anything():
+    good = torch.full((3, 4, 2), 5.0)
+    bad = torch.randn(4, 2)
+    with pytest.raises(ValueError, match=r"norm_dim=2 does not fit tensor 1 of shape \(4, 2\)"):
+        max_norm_([good, bad], 1.0, norm_dim=2)
+    assert torch.equal(good, torch.full((3, 4, 2), 5.0))
+    with pytest.raises(TypeError, match="max_norm must be a real number, but got None"):
+        max_norm_(good, None)
+    with pytest.raises(TypeError, match="only dense tensors"):
+        max_norm_(torch.eye(3).to_sparse(), 1.0)
+    with pytest.raises(ValueError, match=r"max_norm_: max_norm must be positive"):
+        max_norm_(good, 0.0)
