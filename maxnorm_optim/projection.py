@@ -25,7 +25,6 @@ The fast paths, chosen per tensor:
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -180,7 +179,8 @@ class _Batch(NamedTuple):
     small: bool
     owner: Tensor | None  # for several tensors: index of the tensor each slice is in
     scratch: Tensor | None  # for several tensors: reused buffer their slices are copied to
-    offsets: list[int]  # for several tensors: first slice of each in the concatenation
+    factors: Tensor | None  # for several tensors: reused buffer of the slices' factors
+    factor_views: list[Tensor]  # its per-tensor views, shaped to broadcast
 
 
 class Plan(NamedTuple):
@@ -266,7 +266,8 @@ def make_plan(
 
 def _single(t: Tensor, name: str, small: bool) -> _Batch:
     dims = tuple(range(1, t.dim()))
-    return _Batch([t], [name], [t.shape[0]], dims, t.view(t.shape[0], -1), small, None, None, [])
+    rows = t.view(t.shape[0], -1)
+    return _Batch([t], [name], [t.shape[0]], dims, rows, small, None, None, None, [])
 
 
 def _batch(members: list[tuple[Tensor, str]]) -> _Batch:
@@ -277,11 +278,13 @@ def _batch(members: list[tuple[Tensor, str]]) -> _Batch:
     dims = tuple(range(1, first.dim()))
     sizes = [t.shape[0] for t in tensors]
     owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    scratch = torch.empty((sum(sizes), *first.shape[1:]), dtype=first.dtype, device=first.device)
-    offsets = [0, *itertools.accumulate(sizes)]
+    device = first.device
+    scratch = torch.empty((sum(sizes), *first.shape[1:]), dtype=first.dtype, device=device)
+    real = _norm_dtype(first.dtype) or scratch.real.dtype
+    factors = torch.empty((sum(sizes), *[1] * len(dims)), dtype=real, device=device)
     return _Batch(
-        tensors, [n for _, n in members], sizes, dims, None, True, owner.to(first.device),
-        scratch, offsets,
+        tensors, [n for _, n in members], sizes, dims, None, True, owner.to(device),
+        scratch, factors, list(factors.split(sizes)),
     )  # fmt: skip
 
 
@@ -375,16 +378,16 @@ def _run_batch(
     if batch.rows is not None:
         _scale_rows_(batch.rows, factors, small=batch.small)
         return
-    column = factors.view(-1, *[1] * len(batch.norm_dims))
+    assert batch.factors is not None and batch.owner is not None
+    views = batch.factor_views
+    batch.factors.view(-1).copy_(factors)
     if _sync_free(tensors[0]):
-        torch._foreach_mul_(tensors, list(column.split(batch.sizes)))
+        torch._foreach_mul_(tensors, views)
         return
     # CPU: multiply only the tensors with at least one slice to scale.
-    assert batch.owner is not None
     todo = batch.owner[factors != 1].unique().tolist()
     if todo:
-        at = batch.offsets
-        torch._foreach_mul_([tensors[k] for k in todo], [column[at[k] : at[k + 1]] for k in todo])
+        torch._foreach_mul_([tensors[k] for k in todo], [views[k] for k in todo])
 
 
 def _project_selected_rows(
