@@ -311,6 +311,7 @@ def _batch(members: list[tuple[Tensor, str]], flat: Tensor | None) -> _Batch:
     )  # fmt: skip
 
 
+@torch.no_grad()
 def project_(
     tensors: Sequence[Tensor],
     options: dict[str, Any],
@@ -494,5 +495,4 @@ def max_norm_(
         if t.layout != torch.strided:
             raise TypeError(f"max_norm_: tensor {i} has layout {t.layout}; only dense tensors")
     plan = make_plan(tensors, options["norm_dim"])  # raises if norm_dim does not fit
-    with torch.no_grad():
-        project_(tensors, options, plan=plan)
+    project_(tensors, options, plan=plan)

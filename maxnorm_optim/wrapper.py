@@ -155,8 +155,9 @@ class MaxNormWrapper(Optimizer):
         self._stats: list[ProjectionStats | None] = []
         self._plans: dict[int, tuple[Any, Plan]] = {}
         # Groups (by identity) seen by the last step, with the indices of their params
-        # whose every row has been projected since (for the sparse touched-rows rule).
-        self._seen: list[tuple[dict[str, Any], set[int]]] = []
+        # whose every row has been projected since (for the sparse touched-rows rule)
+        # and the max-norm options validated then.
+        self._seen: list[tuple[dict[str, Any], set[int], dict[str, Any]]] = []
         self._init_optimizer_attributes()
 
     # -- what Optimizer.__init__ would set up (it cannot run: it would reset the base) --
@@ -358,18 +359,19 @@ class MaxNormWrapper(Optimizer):
         return out
 
     # -- internals -----------------------------------------------------------------------
-    def _check_new_groups(self) -> list[tuple[dict[str, Any], set[int]]]:
-        """Validate groups the wrapper has not seen (added or loaded on the base itself)."""
-        seen = {id(g): done for g, done in self._seen}
+    def _check_new_groups(self) -> list[tuple[dict[str, Any], set[int], dict[str, Any]]]:
+        """Validate, before the base steps, groups the wrapper has not seen (added or
+        loaded on the base itself) and groups whose max-norm keys were edited."""
+        seen = {id(g): (done, options) for g, done, options in self._seen}
         records = []
         for i, group in enumerate(self.param_groups):
-            done = seen.get(id(group))
-            if done is None:
-                options = validate_group(i, group, self.defaults)
-                for key, value in options.items():
-                    group.setdefault(key, value)
-                done = set()
-            records.append((group, done))
+            done, checked = seen.get(id(group), (None, None))
+            current = {key: group.get(key) for key in GROUP_DEFAULTS}
+            if done is None or current != checked:
+                current = validate_group(i, group, self.defaults)
+                group.update(current)  # canonical values, as at construction
+                done = set() if done is None else done
+            records.append((group, done, current))
         return records
 
     def _base_step(self, closure: Callable[[], float] | None) -> float | None:
@@ -427,13 +429,12 @@ class MaxNormWrapper(Optimizer):
     @torch.no_grad()
     def _project(
         self,
-        records: list[tuple[dict[str, Any], set[int]]],
+        records: list[tuple[dict[str, Any], set[int], dict[str, Any]]],
         only_with_grad: bool,
         skip: Tensor | None = None,
     ) -> None:
         stats: list[ProjectionStats | None] = []
-        for i, (group, done) in enumerate(records):
-            options = {key: group[key] for key in GROUP_DEFAULTS}
+        for i, (group, done, options) in enumerate(records):
             if options["max_norm"] is None or (
                 options["max_norm"] == math.inf and options["min_norm"] == 0.0
             ):

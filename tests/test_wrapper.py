@@ -623,3 +623,18 @@ def test_max_norm_function_validates_before_touching_anything():
         max_norm_(torch.eye(3).to_sparse(), 1.0)
     with pytest.raises(ValueError, match=r"max_norm_: max_norm must be positive"):
         max_norm_(good, 0.0)
+
+
+def test_options_edited_in_a_group_are_validated_before_the_next_step():
+    model = make_model()
+    opt = MaxNormWrapper(torch.optim.SGD(groups_for(model, max_norm=1.0), lr=0.1))
+    train_step(model, opt, 0)
+    opt.param_groups[0]["max_norm"] = 0.25  # e.g. a schedule on c: takes effect
+    train_step(model, opt, 1)
+    assert model[0].weight.norm(dim=1).max() <= 0.25
+    opt.param_groups[0]["max_norm"] = -1.0
+    model(batch(2)[0]).sum().backward()
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"param group 0: max_norm must be positive.*-1\.0"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
