@@ -151,13 +151,21 @@ def _scale_rows_(rows: Tensor, factors: Tensor, small: bool) -> None:
         rows.mul_(factors.unsqueeze(1))
     elif rows.dtype in (torch.float32, torch.float64):
         src = factors.index_select(0, changed).unsqueeze(1).expand(-1, rows.shape[1])
-        with warnings.catch_warnings():  # "index_reduce() is in beta"
-            warnings.simplefilter("ignore", UserWarning)
-            rows.index_reduce_(0, changed, src, "prod")
+        _quiet_index_reduce_beta_warning()
+        rows.index_reduce_(0, changed, src, "prod")
     else:
         sub = rows.index_select(0, changed)
         sub.mul_(factors.index_select(0, changed).unsqueeze(1))
         rows.index_copy_(0, changed, sub)
+
+
+@functools.cache
+def _quiet_index_reduce_beta_warning() -> None:
+    """torch warns once per process that ``index_reduce_`` is in beta: let that one
+    warning happen here, silenced, rather than in the user's step."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.zeros(1).index_reduce_(0, torch.zeros(1, dtype=torch.long), torch.ones(1), "prod")
 
 
 class _Stats:
