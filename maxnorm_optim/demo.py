@@ -18,6 +18,7 @@ import inspect
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -72,44 +73,26 @@ def _require(name: str) -> ModuleType:
 # -- options ------------------------------------------------------------------------------
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
-    return value
+def _checked(kind: type, ok: Callable[[Any], bool], requirement: str) -> Callable[[str], Any]:
+    """An argparse ``type``: parse with ``kind``, then require ``ok(value)``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            article = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {article}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {text!r}")
-    return value
-
-
-def _momentum(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
-    return value
+_positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
+_positive_int = _checked(int, lambda v: v >= 1, "at least 1")
+_seed = _checked(int, lambda v: 0 <= v < 2**63, "in [0, 2**63)")
+_momentum = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,23 +40,28 @@ def test_listed_optimizers_change_only_touched_rows(opt_cls, kw):
         assert torch.equal(emb.weight[untouched], before[untouched])
 
 
-@pytest.mark.parametrize("opt_cls,kw", ROW_ONLY)
-def test_touched_rows_rule_matches_full_projection(opt_cls, kw):
-    torch.manual_seed(1)
-    e1 = nn.Embedding(50, 8, sparse=True)
+def _assert_equals_bare_step_plus_reference(opt_cls, kw, rows, c, seed, init_scale=1.0):
+    torch.manual_seed(seed)
+    e1 = nn.Embedding(rows, 8, sparse=True)
     with torch.no_grad():
-        e1.weight.mul_(3)  # many initial rows out of bound: the first step projects all
-    e2 = nn.Embedding(50, 8, sparse=True)
+        e1.weight.mul_(init_scale)
+    e2 = nn.Embedding(rows, 8, sparse=True)
     e2.load_state_dict(e1.state_dict())
-    o1 = MaxNormWrapper(opt_cls(e1.parameters(), **kw), max_norm=1.0)
+    o1 = MaxNormWrapper(opt_cls(e1.parameters(), **kw), max_norm=c)
     bare = opt_cls(e2.parameters(), **kw)
     for step in range(6):
         _embedding_step(e1, o1, step)
         _embedding_step(e2, bare, step)
         with torch.no_grad():
-            e2.weight.copy_(reference_project(e2.weight, 1.0))
+            e2.weight.copy_(reference_project(e2.weight, c))
         torch.testing.assert_close(e1.weight, e2.weight, rtol=1e-6, atol=1e-7)
-        assert e1.weight.norm(dim=1).max() <= 1.0  # no violating row left behind
+        assert e1.weight.norm(dim=1).max() <= c  # no violating row left behind
+
+
+@pytest.mark.parametrize("opt_cls,kw", ROW_ONLY)
+def test_touched_rows_rule_matches_full_projection(opt_cls, kw):
+    # Many initial rows out of bound: the first step projects every row.
+    _assert_equals_bare_step_plus_reference(opt_cls, kw, rows=50, c=1.0, seed=1, init_scale=3.0)
 
 
 def test_touched_rows_only_after_first_step_and_reset_by_load_state_dict():
@@ -88,16 +93,4 @@ def test_touched_rows_only_after_first_step_and_reset_by_load_state_dict():
 )
 def test_other_sparse_optimizers_keep_the_full_projection(opt_cls, kw):
     """SGD with momentum changes untouched rows: the wrapper projects every row."""
-    torch.manual_seed(3)
-    e1 = nn.Embedding(30, 4, sparse=True)
-    e2 = nn.Embedding(30, 4, sparse=True)
-    e2.load_state_dict(e1.state_dict())
-    o1 = MaxNormWrapper(opt_cls(e1.parameters(), **kw), max_norm=0.6)
-    bare = opt_cls(e2.parameters(), **kw)
-    for step in range(5):
-        _embedding_step(e1, o1, step)
-        _embedding_step(e2, bare, step)
-        with torch.no_grad():
-            e2.weight.copy_(reference_project(e2.weight, 0.6))
-        torch.testing.assert_close(e1.weight, e2.weight, rtol=1e-6, atol=1e-7)
-        assert e1.weight.norm(dim=1).max() <= 0.6
+    _assert_equals_bare_step_plus_reference(opt_cls, kw, rows=30, c=0.6, seed=3)
