@@ -1,0 +1,714 @@
+r"""Kernels of the max-norm projection for dense tensors: one per-slice pipeline and
+the strategies that run it.
+
+The pipeline (`Pipeline` and the functions around it), written once:
+
+1. *check norms* of every slice, on the tensor's own layout (the norm a user checks);
+2. *classify*: over, under, non-finite (slices whose check norm over- or underflowed
+   while their elements are finite are re-measured on a rescaled float64 copy);
+3. *stats* (tensors, no host sync);
+4. *factors* from norms with a proven error bound
+   ([`accurate_norms`][maxnorm_optim._numerics.accurate_norms]), aimed far enough
+   inside the bound that the float64 norm of every scaled slice holds by construction;
+5. *apply* to the scaled slices only, then *verify* them with the user's own check and
+   shrink the few that still exceed it until they pass.
+
+Strategies: `cpu_*` (the host reads which slices to scale, free on CPU; only those
+are gathered, scaled and written back) and `sync_free_*` (accelerators and
+`torch.compile`: every slice gets a factor, applied with `torch.where` so that slices
+left alone keep their exact bits; one verification, then a provably sufficient
+shrink of the slices that fail it). Under `torch.compile` the check norms go through
+an opaque custom op, so that they are the eager kernels' (bitwise what a user computes).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import _numerics as num
+from ._options import MaxNormOptions
+
+__all__ = [
+    "SCRATCH_NUMEL",
+    "SMALL_NUMEL",
+    "Batch",
+    "Generic",
+    "Pipeline",
+    "ProjectionStats",
+    "Rows",
+    "Selected",
+    "Stats",
+    "cpu_batch",
+    "cpu_generic",
+    "cpu_rows",
+    "nonfinite_error",
+    "sync_free_batch",
+    "sync_free_generic",
+    "sync_free_rows",
+    "user_check",
+    "where_scale_",
+]
+
+# Tensors of at most this many elements are batched with others of the same slice
+# shape: their norms are computed in one call over a copy in a scratch buffer.
+SMALL_NUMEL = 1 << 16
+# Elements of each scratch buffer (per thread, dtype and device): bounds the extra
+# memory of a projection, whatever the size of the weights.
+SCRATCH_NUMEL = 1 << 20
+# Settling steps before the last, provably sufficient one (each shrinks the slices
+# that still fail the check by a growing number of ulps).
+_SETTLE_STEPS = 24
+
+
+class ProjectionStats(NamedTuple):
+    """What one projection did, as tensors on the parameters' device (no host sync).
+
+    Args:
+        projected: slices scaled.
+        slices: slices looked at.
+        max_norm_before: the largest check norm before projection (`-inf` if none).
+    """
+
+    projected: Tensor
+    slices: Tensor
+    max_norm_before: Tensor
+
+
+# -- scratch buffers -------------------------------------------------------------------
+class _Pool(threading.local):
+    """Reusable scratch buffers, one per (slot, dtype, device) and thread.
+
+    Fresh large CPU allocations are page-faulted on first touch, which costs more than
+    the projection itself; keeping a bounded buffer avoids it.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+
+    def get(self, slot: str, dtype: torch.dtype, device: torch.device, numel: int) -> Tensor:
+        key = (slot, dtype, device)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
+            if numel <= 4 * SCRATCH_NUMEL:
+                self.buffers[key] = buf
+        return buf[:numel]
+
+
+_POOL = _Pool()
+
+
+# -- check norms under torch.compile ----------------------------------------------------
+@torch.library.custom_op("maxnorm_optim::check_norms", mutates_args=())
+def _check_norms_op(x: Tensor, p: float, dim: list[int], keepdim: bool) -> Tensor:
+    return num.check_norms(x, p, dim, keepdim)
+
+
+@_check_norms_op.register_fake
+def _(x: Tensor, p: float, dim: list[int], keepdim: bool) -> Tensor:
+    return num.check_norms(x, p, dim, keepdim)
+
+
+def user_check(x: Tensor, p: float, dim: tuple[int, ...], keepdim: bool = False) -> Tensor:
+    """The user's check norms; under `torch.compile` through the opaque op, so that the
+    compiled projection judges by the same eager kernels the user checks with."""
+    if torch.compiler.is_compiling():
+        return _check_norms_op(x, p, list(dim), keepdim)
+    return num.check_norms(x, p, dim, keepdim)
+
+
+# -- sources of rows ----------------------------------------------------------------------
+@dataclass
+class Rows:
+    """A contiguous tensor whose norms run over its trailing dims, as `(slices, length)`."""
+
+    tensor: Tensor
+    rows: Tensor
+    name: str
+
+
+@dataclass
+class Batch:
+    """Small tensors of one dtype, device and slice shape: normed together over their
+    concatenation (`slices` rows of `length`)."""
+
+    tensors: list[Tensor]
+    names: list[str]
+    sizes: list[int]  # slices of each tensor
+    length: int
+    owner: Tensor  # index of the tensor each row belongs to
+
+
+@dataclass
+class Generic:
+    """Any other layout: norms over `dims` of `tensor` as it is laid out."""
+
+    tensor: Tensor
+    dims: tuple[int, ...]
+    name: str
+
+
+@dataclass
+class Selected:
+    """Only the rows given per call (the touched rows of a sparse step) of a 2-d view."""
+
+    tensor: Tensor
+    name: str
+
+
+# -- the per-slice pipeline -----------------------------------------------------------
+class Stats:
+    def __init__(self) -> None:
+        self.parts: list[tuple[Tensor, Tensor, int]] = []
+
+    def add(self, selected: Tensor, norms: Tensor) -> None:
+        if norms.numel():
+            self.parts.append((selected.sum(), norms.max().to(torch.float32), norms.numel()))
+
+    def result(self, device: torch.device | None) -> ProjectionStats:
+        if not self.parts:
+            zero = torch.zeros((), dtype=torch.int64, device=device)
+            return ProjectionStats(zero, zero.clone(), torch.full((), -math.inf, device=device))
+        dev = self.parts[0][0].device
+        projected = torch.stack([p[0].to(dev) for p in self.parts]).sum()
+        top = torch.stack([p[1].to(dev) for p in self.parts]).max()
+        slices = torch.tensor(sum(p[2] for p in self.parts), device=dev)
+        return ProjectionStats(projected, slices, top)
+
+
+def nonfinite_error(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"max-norm projection of {name}: a slice holds NaN or inf. Set "
+        "error_if_nonfinite=False to leave such slices unchanged."
+    )
+
+
+class Pipeline:
+    """The per-slice pipeline for one option set and one tensor dtype."""
+
+    def __init__(self, options: MaxNormOptions, dtype: torch.dtype, complex_: bool) -> None:
+        self.p = options.norm_type
+        self.bounds = num.make_bounds(options, dtype)
+        self.dtype = dtype
+        self.complex = complex_
+        self.half = dtype in (torch.float16, torch.bfloat16)
+        self.work = num.work_dtype(dtype)
+        self.u_work = num.unit_roundoff(self.work)
+        self.u_store = num.unit_roundoff(dtype)
+        self.acc = num.check_dtype(dtype) or self.work
+        self.rate_one = options.rate == 1.0
+        # Where hi^p overflows the check dtype, vector_norm cannot judge; float64 does.
+        hi = self.bounds.hi
+        self.judge_same = math.isfinite(hi) and _power_fits(hi, self.p, self.acc)
+
+    # -- classification ---------------------------------------------------------
+    def suspects(self, check: Tensor, length: int) -> Tensor:
+        """Slices whose check norm over- (inf) or, where it matters, underflowed: they
+        are re-measured on a rescaled float64 copy before they are classified."""
+        out = torch.isinf(check)
+        low = num.low_zone(length, self.p, self.acc)
+        if low > 0 and (self.bounds.accept_lo > 0 or self.bounds.hi <= 2 * low):
+            out = out | (check < low)
+        return out
+
+    def classify(
+        self, decision: Tensor, skip: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """`(over, under, nonfinite, selected)` from float64 decision norms."""
+        b = self.bounds
+        nonfinite = ~torch.isfinite(decision)
+        over = decision > b.hi
+        under = (decision > 0) & (decision < b.accept_lo)
+        selected = (over | under) & ~nonfinite
+        if skip is not None:
+            selected = selected & (skip.to(decision.device) == 0)
+        return over, under, nonfinite, selected
+
+    def may_select(self, check: Tensor, length: int) -> bool:
+        """A cheap host-side test: whether any slice may be over, under, or suspect
+        (NaN compares False: a slice holding NaN is left alone)."""
+        b = self.bounds
+        if b.accept_lo > 0 or b.hi <= 2 * num.low_zone(length, self.p, self.acc):
+            return True
+        return bool((check > b.hi).any())
+
+    # -- factors ----------------------------------------------------------------------
+    def verifies(self, length: int, eps: float, prove: bool) -> tuple[bool, bool]:
+        """Which checks the scaled slices are verified with afterwards: `(same-dtype
+        check, float64 check)`. A check that holds by construction is not verified."""
+        if not self.rate_one:
+            return False, False
+        same = self.judge_same and not prove and not self._proven(length, eps)
+        return same, self.half and not prove
+
+    def _proven(self, length: int, eps: float) -> bool:
+        # Short slices: the check norm's own error bound costs under ~2e-6 of margin.
+        own = num.error_bound(length, self.p, self.dtype, self.complex)
+        return not self.half and own + eps <= 2e-6
+
+    def margins(self, length: int, eps: float, prove: bool) -> tuple[float, float]:
+        """How far inside `[lo, hi]` scaled slices aim (relative), `(below hi, above lo)`.
+
+        Covers the error of the norms the factors come from (`eps`), the rounding of the
+        factor and of the scaled values and the float64 check's own rounding, so that
+        the float64 norm holds by construction for fp32, fp64 and complex; where the
+        same-dtype check is not verified afterwards, its error bound too.
+        """
+        u64 = num.unit_roundoff(torch.float64)
+        base = eps + 3 * self.u_work + num.gamma(2 * length + 4, u64)
+        hi = base + (0.0 if self.half and not prove else self.u_store)
+        if self.judge_same and (prove or self._proven(length, eps)):
+            hi += num.error_bound(length, self.p, self.dtype, self.complex)
+        return hi, base + self.u_store
+
+    def factors(
+        self, norms: Tensor, over: Tensor, under: Tensor, selected: Tensor, margins: tuple
+    ) -> Tensor:
+        goal = num.targets(norms, over, under, self.bounds, *margins)
+        safe = torch.where(selected, norms, torch.ones_like(norms))
+        return torch.where(selected, goal / safe, torch.ones_like(norms))
+
+    def safe_shrink(self, checked: Tensor, length: int) -> Tensor:
+        """Factors that provably bring slices whose check norms (or float64 upper
+        bounds) are `checked` within the bound, for any summation order: the last
+        settling step, which needs no host sync."""
+        u64 = num.unit_roundoff(torch.float64)
+        beta = max(
+            num.error_bound(length, self.p, self.dtype, self.complex),
+            num.gamma(2 * length + 4, u64),
+        )
+        info = torch.finfo(self.work if self.complex or self.half else self.dtype)
+        store = torch.finfo(self.dtype if not self.complex else self.work)
+        absolute = 0.5 * store.tiny * store.eps * (2 * length) ** (1.0 / min(self.p, 1e6))
+        room = self.bounds.hi / (1 + beta) - absolute
+        scale = (1 - beta) / ((1 + self.u_store) * (1 + info.eps) ** 2)
+        g = room * scale / checked.clamp(min=torch.finfo(torch.float64).tiny)
+        return g.clamp(min=0.0, max=1.0)
+
+
+def _power_fits(x: float, p: float, dtype: torch.dtype) -> bool:
+    if p == math.inf:
+        return True
+    try:
+        return x**p * 4 < torch.finfo(dtype).max
+    except OverflowError:
+        return False
+
+
+# -- CPU strategy ----------------------------------------------------------------------
+def _work_view(x: Tensor) -> Tensor:
+    """A real view to scale in place (complex through `view_as_real`)."""
+    return torch.view_as_real(x) if x.is_complex() else x
+
+
+def _scale_rows_(x: Tensor, factors: Tensor, work: torch.dtype) -> None:
+    """`x *= factors[:, None]` in the work dtype, with extreme factors split into a
+    power of two and a remainder (a host-side check: CPU only)."""
+    view = _work_view(x)
+    shape = (-1,) + (1,) * (view.dim() - 1)
+    limit = 2.0 ** (100 if work == torch.float32 else 1000)
+    if bool(((factors > limit) | (factors < 1 / limit)).any()):
+        power, rest = num.split_factors(factors, work)
+        view.mul_(power.view(shape)).mul_(rest.view(shape))
+    else:
+        view.mul_(factors.to(work).view(shape))
+
+
+class _Gathered:
+    """Rows gathered into a scratch buffer: stored in the tensor's dtype (`store`), and
+    for fp16/bf16 also in fp32 (`work`), where they are scaled."""
+
+    def __init__(self, store: Tensor) -> None:
+        self.store = store
+        if store.dtype in (torch.float16, torch.bfloat16):
+            k, length = store.shape
+            self.work = _POOL.get("work", torch.float32, store.device, k * length).view(k, length)
+            self.work.copy_(store)
+        else:
+            self.work = store
+
+    def scale(self, idx: Tensor | None, factors: Tensor, work: torch.dtype) -> None:
+        if idx is None:
+            _scale_rows_(self.work, factors, work)
+            if self.work is not self.store:
+                self.store.copy_(self.work)
+            return
+        rows = self.work.index_select(0, idx)
+        _scale_rows_(rows, factors, work)
+        self.work.index_copy_(0, idx, rows)
+        if self.work is not self.store:
+            self.store.index_copy_(0, idx, rows.to(self.store.dtype))
+
+
+def _upper(pipe: Pipeline, store: Tensor, same: bool, wide: bool) -> Tensor:
+    """Per row, a float64 value that is above the bound whenever a verified check may
+    be: the same-dtype check norm, and for fp16/bf16 a proven upper bound of the
+    float64 norm of the stored values."""
+    k, length = store.shape
+    upper = torch.full((k,), -math.inf, dtype=torch.float64, device=store.device)
+    check = user_check(store, pipe.p, (1,)) if (same or wide) else None
+    if same:
+        assert check is not None
+        upper = check.to(torch.float64)
+    if wide:
+        norms, eps = num.accurate_norms(store, pipe.p, check)
+        u64 = num.unit_roundoff(torch.float64)
+        upper = torch.maximum(upper, norms / (1 - eps) * (1 + num.gamma(length + 4, u64)))
+    return upper
+
+
+def _settle_cpu(pipe: Pipeline, rows: _Gathered, same: bool, wide: bool) -> None:
+    """Shrink the rows that fail a verified check by a growing number of ulps, then by
+    a provably sufficient factor and halving: ends with every check passing."""
+    if not (same or wide):
+        return
+    length = rows.store.shape[1]
+    hi = pipe.bounds.hi
+    for step in range(_SETTLE_STEPS + 64):
+        upper = _upper(pipe, rows.store, same, wide)
+        fail = upper > hi
+        if not bool(fail.any()):
+            return
+        idx = fail.nonzero().squeeze(1)
+        bad = upper.index_select(0, idx)
+        if step < _SETTLE_STEPS:
+            shrink = ((hi / bad) * (1 - 4 * pipe.u_work * 2.0**step)).clamp(min=0.5, max=1.0)
+        else:
+            shrink = pipe.safe_shrink(bad, length).clamp(max=0.5)
+        rows.scale(idx, shrink, pipe.work)
+    raise AssertionError("max-norm projection: settling did not converge")  # unreachable
+
+
+def _lift_cpu(pipe: Pipeline, rows: _Gathered, under: Tensor, same: bool, wide: bool) -> None:
+    """Scaled-up rows whose check norm still reads below the lower acceptance bound get
+    one more push up, kept only where the upper checks still hold."""
+    b = pipe.bounds
+    check = user_check(rows.store, pipe.p, (1,)).to(torch.float64)
+    low = under & (check < b.accept_lo) & (check > 0)
+    if not bool(low.any()):
+        return
+    idx = low.nonzero().squeeze(1)
+    work = rows.work.index_select(0, idx)
+    grow = (b.accept_lo / check.index_select(0, idx)) * (1 + 8 * pipe.u_work)
+    _scale_rows_(work, grow, pipe.work)
+    stored = work.to(rows.store.dtype)
+    ok = ~(_upper(pipe, stored, same or pipe.judge_same, wide) > b.hi)
+    if bool(ok.any()):
+        keep = idx[ok]
+        rows.work.index_copy_(0, keep, work[ok])
+        if rows.work is not rows.store:
+            rows.store.index_copy_(0, keep, stored[ok])
+
+
+def _cpu_scale(
+    pipe: Pipeline, store: Tensor, check: Tensor, over: Tensor, under: Tensor, prove: bool
+) -> None:
+    """Scale gathered rows (`(k, length)`, all selected) in place, then verify them with
+    the checks that do not hold by construction and settle the ones out of bound."""
+    k, length = store.shape
+    norms, eps = num.accurate_norms(store, pipe.p, check)
+    every = torch.ones(k, dtype=torch.bool, device=store.device)
+    factors = pipe.factors(norms, over, under, every, pipe.margins(length, eps, prove))
+    rows = _Gathered(store)
+    rows.scale(None, factors, pipe.work)
+    same, wide = pipe.verifies(length, eps, prove)
+    _settle_cpu(pipe, rows, same, wide)
+    if pipe.bounds.lo > 0 and pipe.rate_one and bool(under.any()):
+        _lift_cpu(pipe, rows, under, same, wide)
+
+
+def _cpu_decide(
+    pipe: Pipeline, check: Tensor, length: int, gather: Any, skip: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Decision norms (the check norms, re-measured in float64 where they over- or
+    underflowed) and the classification."""
+    decision = check.to(torch.float64)
+    suspect = pipe.suspects(check, length)
+    if bool(suspect.any()):
+        idx = suspect.nonzero().squeeze(1)
+        decision[idx] = num.rescaled_norms(gather(idx), pipe.p)
+    return (decision, *pipe.classify(decision, skip))
+
+
+def cpu_rows(
+    pipe: Pipeline,
+    rows: Tensor,
+    name: str,
+    check_nonfinite: bool,
+    stats: Stats | None,
+    skip: Tensor | None,
+    index: Tensor | None = None,
+) -> None:
+    """The CPU strategy on a `(slices, length)` view (or on its rows `index`).
+
+    Rows are taken in chunks of about one scratch buffer: each chunk's check norms are
+    computed, and its rows out of bound gathered, scaled, verified and written back
+    while the chunk is still in cache. A chunk with no row out of bound costs one norm.
+    """
+    source = rows if index is None else rows.index_select(0, index)
+    count, length = source.shape
+    step = max(1, SCRATCH_NUMEL // max(length, 1))
+    for start in range(0, count, step):
+        chunk = source[start : start + step]
+        check = num.check_norms(chunk, pipe.p, 1)
+        if stats is None and not pipe.may_select(check, length):
+            continue  # the common case: nothing out of bound, nothing to do
+
+        def gather(idx: Tensor, chunk: Tensor = chunk) -> Tensor:
+            return chunk.index_select(0, idx)
+
+        decision, over, under, nonfinite, selected = _cpu_decide(
+            pipe, check, length, gather, skip
+        )
+        if check_nonfinite and bool(nonfinite.any()):
+            raise nonfinite_error(name)
+        if stats is not None:
+            stats.add(selected, decision)
+        idx = selected.nonzero().squeeze(1)
+        k = idx.numel()
+        if k == 0:
+            continue
+        if k * length > 4 * SCRATCH_NUMEL:  # a single slice larger than the scratch
+            buf = torch.empty((k, length), dtype=source.dtype, device=source.device)
+        else:
+            buf = _POOL.get("gather", source.dtype, source.device, k * length).view(k, length)
+        torch.index_select(chunk, 0, idx, out=buf)
+        sub = (check.index_select(0, idx), over.index_select(0, idx), under.index_select(0, idx))
+        _cpu_scale(pipe, buf, *sub, prove=False)
+        if index is None:
+            chunk.index_copy_(0, idx, buf)
+        else:
+            rows.index_copy_(0, index.index_select(0, idx + start), buf)
+
+
+def cpu_batch(
+    pipe: Pipeline, batch: Batch, check_nonfinite: bool, stats: Stats | None, skip
+) -> None:
+    first = batch.tensors[0]
+    total = sum(batch.sizes)
+    cat = _POOL.get("batch", first.dtype, first.device, total * batch.length).view(total, -1)
+    torch.cat(batch.tensors, out=cat)
+    check = num.check_norms(cat, pipe.p, 1)
+    if stats is None and not pipe.may_select(check, batch.length):
+        return
+
+    def gather(idx: Tensor) -> Tensor:
+        return cat.index_select(0, idx)
+
+    decision, over, under, nonfinite, selected = _cpu_decide(
+        pipe, check, batch.length, gather, skip
+    )
+    if check_nonfinite and bool(nonfinite.any()):
+        raise nonfinite_error(batch.names[int(batch.owner[nonfinite].min())])
+    if stats is not None:
+        stats.add(selected, decision)
+    idx = selected.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return
+    buf = cat.index_select(0, idx)
+    _cpu_scale(
+        pipe,
+        buf,
+        check.index_select(0, idx),
+        over.index_select(0, idx),
+        under.index_select(0, idx),
+        prove=False,
+    )
+    cat.index_copy_(0, idx, buf)
+    touched = batch.owner.index_select(0, idx).unique().tolist()
+    if len(touched) * 4 >= len(batch.tensors):
+        # Most tensors changed: one call copies every tensor back (rows left alone are
+        # copied with their exact bits).
+        torch.split_with_sizes_copy(cat, batch.sizes, dim=0, out=batch.tensors)
+    else:
+        starts = [0]
+        for size in batch.sizes:
+            starts.append(starts[-1] + size)
+        for j in touched:
+            batch.tensors[j].copy_(cat[starts[j] : starts[j + 1]])
+
+
+def cpu_generic(
+    pipe: Pipeline, item: Generic, check_nonfinite: bool, stats: Stats | None, skip
+) -> None:
+    """Any layout: slices gathered through a permuted view, written back with
+    `index_put_`; the check is verified on the tensor's own layout."""
+    t, dims = item.tensor, item.dims
+    keep = tuple(d for d in range(t.dim()) if d not in dims)
+    keep_shape = tuple(t.shape[d] for d in keep)
+    norm_shape = tuple(t.shape[d] for d in dims)
+    length = math.prod(norm_shape)
+    moved = t.permute(*keep, *dims)
+
+    def layout_check() -> Tensor:
+        return user_check(t, pipe.p, dims, keepdim=True).permute(*keep, *dims).reshape(-1)
+
+    def at(idx: Tensor) -> tuple[Tensor, ...]:
+        return torch.unravel_index(idx, keep_shape) if keep else ()
+
+    def gather(idx: Tensor) -> Tensor:
+        if not keep:
+            return moved.reshape(1, length).clone()
+        return moved[at(idx)].reshape(idx.numel(), length)
+
+    def write(idx: Tensor, values: Tensor) -> None:
+        values = values.reshape(values.shape[0], *norm_shape)
+        if keep:
+            moved.index_put_(at(idx), values)
+        else:
+            moved.copy_(values[0])
+
+    check = layout_check()
+    decision, over, under, nonfinite, selected = _cpu_decide(pipe, check, length, gather, skip)
+    if check_nonfinite and bool(nonfinite.any()):
+        raise nonfinite_error(item.name)
+    if stats is not None:
+        stats.add(selected, decision)
+    idx = selected.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return
+    buf = gather(idx).contiguous()
+    sub = (check.index_select(0, idx), over.index_select(0, idx), under.index_select(0, idx))
+    _cpu_scale(pipe, buf, *sub, prove=False)
+    write(idx, buf)
+    same, _ = pipe.verifies(length, 0.0, prove=False)
+    if not same:
+        return
+    # The check on this layout may round differently from the gathered copy: verify on
+    # the layout itself and settle the slices that fail there.
+    hi = pipe.bounds.hi
+    for step in range(_SETTLE_STEPS + 64):
+        now = layout_check().index_select(0, idx).to(torch.float64)
+        fail = (now > hi).nonzero().squeeze(1)
+        if fail.numel() == 0:
+            return
+        bad = idx.index_select(0, fail)
+        rows = _Gathered(gather(bad).contiguous())
+        upper = now.index_select(0, fail)
+        if step < _SETTLE_STEPS:
+            shrink = ((hi / upper) * (1 - 4 * pipe.u_work * 2.0**step)).clamp(min=0.5, max=1.0)
+        else:
+            shrink = pipe.safe_shrink(upper, length).clamp(max=0.5)
+        rows.scale(None, shrink, pipe.work)
+        write(bad, rows.store)
+    raise AssertionError("max-norm projection: settling did not converge")  # unreachable
+
+
+# -- sync-free strategy (accelerators, torch.compile) ------------------------------------------
+def _accurate_all(pipe: Pipeline, rows: Tensor) -> tuple[Tensor, float]:
+    """float64 norms of every row with a proven error bound, without host syncs, in
+    chunks of bounded size (eager) or whole (compiled, where Inductor fuses)."""
+    s, length = rows.shape
+    if pipe.p == math.inf and not rows.is_complex():
+        if length == 0:
+            return rows.new_zeros(s, dtype=torch.float64), 0.0
+        return rows.abs().amax(dim=1).to(torch.float64), 0.0
+    # fp32 values to a power p <= 4 neither over- nor underflow float64.
+    fast = not rows.is_complex() and rows.dtype != torch.float64 and pipe.p <= 4
+    if fast:
+        u64 = num.unit_roundoff(torch.float64)
+        eps = 1.01 * (num.gamma(length + 8, u64) / pipe.p + 8 * u64)
+    else:
+        eps = num.rescaled_bound(length, pipe.p, rows.is_complex())
+
+    def one(block: Tensor) -> Tensor:
+        if fast:
+            return torch.linalg.vector_norm(block, pipe.p, dim=1, dtype=torch.float64)
+        return num.rescaled_norms(block, pipe.p)
+
+    if torch.compiler.is_compiling() or s * length <= SCRATCH_NUMEL or s == 1:
+        return one(rows), eps
+    step = max(1, SCRATCH_NUMEL // max(length, 1))
+    return torch.cat([one(rows[i : i + step]) for i in range(0, s, step)]), eps
+
+
+def where_scale_(rows: Tensor, selected: Tensor, factors: Tensor, pipe: Pipeline) -> None:
+    """Scale the selected rows by `factors`, leaving every other row's bits as they
+    are (`torch.where`, never a multiplication by 1), without host syncs."""
+    power, rest = num.split_factors(factors, pipe.work)
+
+    def apply(block: Tensor, sel: Tensor, pw: Tensor, r: Tensor) -> None:
+        view = _work_view(block)
+        shape = (-1,) + (1,) * (view.dim() - 1)
+        scaled = (view.to(pipe.work) * pw.view(shape)) * r.view(shape)
+        view.copy_(torch.where(sel.view(shape), scaled.to(view.dtype), view))
+
+    s, length = rows.shape
+    if torch.compiler.is_compiling() or s * length <= SCRATCH_NUMEL:
+        apply(rows, selected, power, rest)
+        return
+    step = max(1, SCRATCH_NUMEL // max(length, 1))
+    for i in range(0, s, step):
+        apply(rows[i : i + step], selected[i : i + step], power[i : i + step], rest[i : i + step])
+
+
+def sync_free_rows(
+    pipe: Pipeline,
+    rows: Tensor,
+    name: str,
+    check_nonfinite: bool,
+    stats: Stats | None,
+    skip: Tensor | None,
+    prove: bool = False,
+) -> None:
+    """The sync-free strategy on a `(slices, length)` tensor (or a copy of one).
+
+    `prove`: aim with margins that make every check hold by construction, without
+    verifying (for rows that are a copy of another layout, where the user's check
+    would run on that layout)."""
+    length = rows.shape[1]
+    check = user_check(rows, pipe.p, (1,))
+    accurate, eps = _accurate_all(pipe, rows)
+    decision = torch.where(pipe.suspects(check, length), accurate, check.to(torch.float64))
+    over, under, nonfinite, selected = pipe.classify(decision, skip)
+    if check_nonfinite and bool(nonfinite.any()):  # a sync, as error_if_nonfinite asks
+        raise nonfinite_error(name)
+    if stats is not None:
+        stats.add(selected, decision)
+    factors = pipe.factors(accurate, over, under, selected, pipe.margins(length, eps, prove))
+    where_scale_(rows, selected, factors, pipe)
+    same, wide = pipe.verifies(length, eps, prove)
+    if not (same or wide):
+        return
+    # One verification with the user's check, then a provably sufficient shrink of the
+    # slices that fail it (no host sync, so no data-dependent loop).
+    upper = torch.full_like(decision, -math.inf)
+    if same:
+        upper = user_check(rows, pipe.p, (1,)).to(torch.float64)
+    if wide:
+        again, eps64 = _accurate_all(pipe, rows)
+        upper = torch.maximum(upper, again * (1 + 2 * eps64))
+    fail = selected & (upper > pipe.bounds.hi)
+    shrink = torch.where(fail, pipe.safe_shrink(upper, length), torch.ones_like(upper))
+    where_scale_(rows, fail, shrink, pipe)
+
+
+def sync_free_batch(
+    pipe: Pipeline, batch: Batch, check_nonfinite: bool, stats: Stats | None, skip
+) -> None:
+    cat = torch.cat(batch.tensors)
+    sync_free_rows(pipe, cat, batch.names[0], check_nonfinite, stats, skip)
+    # Rows left alone are copied back with their exact bits.
+    torch._foreach_copy_(batch.tensors, list(cat.split(batch.sizes)))
+
+
+def sync_free_generic(
+    pipe: Pipeline, item: Generic, check_nonfinite: bool, stats: Stats | None, skip
+) -> None:
+    """Any layout, on accelerators: a row-major copy, projected with margins that hold
+    by construction (the user's check runs on the original layout), copied back."""
+    t, dims = item.tensor, item.dims
+    keep = tuple(d for d in range(t.dim()) if d not in dims)
+    length = math.prod(t.shape[d] for d in dims)
+    moved = t.permute(*keep, *dims)
+    rows = moved.reshape(-1, length).clone()
+    sync_free_rows(pipe, rows, item.name, check_nonfinite, stats, skip, prove=True)
+    moved.copy_(rows.view(moved.shape))
+
+
