@@ -380,14 +380,14 @@ def max_norm_param_groups(
         error_if_nonfinite: as for `MaxNormWrapper`.
 
     Returns:
-        A list of param-group dicts for any `torch.optim.Optimizer` and for
-        `MaxNormWrapper`, each parameter in exactly one group, empty groups left out.
-        Constrained groups carry `max_norm`, `norm_dim`, `norm_type`, `min_norm`, `rate`
-        and `error_if_nonfinite`; unconstrained ones `max_norm=None` only. Order: the
-        constrained dense groups (one per distinct combination of options and
-        `norm_dim`, in the order their first parameter is met), then the unconstrained
-        dense group, then the sparse groups in the same order. Within a group,
-        parameters are in `named_parameters()` order.
+        Param-group dicts for any `torch.optim.Optimizer` and for `MaxNormWrapper`,
+            each parameter in exactly one group, empty groups left out. Constrained
+            groups carry `max_norm`, `norm_dim`, `norm_type`, `min_norm`, `rate` and
+            `error_if_nonfinite`; unconstrained ones `max_norm=None` only. Order: the
+            constrained dense groups (one per distinct combination of options and
+            `norm_dim`, in the order their first parameter is met), then the
+            unconstrained dense group, then the sparse groups in the same order.
+            Within a group, parameters are in `named_parameters()` order.
 
     Raises:
         TypeError: `module` is not an `nn.Module`, or an option, override key or
