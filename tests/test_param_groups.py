@@ -856,6 +856,8 @@ def test_every_parameter_in_exactly_one_group(kinds, excluded, tie):
     kinds = [{id(p) in sparse_ids for p in g["params"]} for g in groups]
     assert all(len(k) == 1 for k in kinds)  # every group all-sparse or all-dense
     assert [k.pop() for k in kinds] == sorted(id(g["params"][0]) in sparse_ids for g in groups)
+    if not groups:  # e.g. only ReLUs: no parameters, no groups
+        return
     opt = MaxNormWrapper(torch.optim.SGD(groups, lr=0.1))
     inflate(model, 100.0)
     opt.project()
