@@ -178,14 +178,17 @@ def _project_sharded(
         stats.add(selected, decision)
     # 3. factors, applied to the local parts
     factor_parts = []
-    for m, n, o, u, s in zip(
+    for m, n, c, o, u, s in zip(
         members,
         accurate.split(sizes),
+        check.split(sizes),
         over.split(sizes),
         under.split(sizes),
         selected.split(sizes),
     ):
-        factors = pipe.factors(n, o, u, s, pipe.margins(m.length, eps, prove=False))
+        aim = c if pipe.verifies(m.length, eps, prove=False)[0] else None
+        margins = pipe.margins(m.length, eps, prove=False)
+        factors = pipe.factors(n, o, u, s, margins, aim, m.length)
         factor_parts.append(factors)
         rows = m.rows()
         kn.where_scale_(rows, s, factors, pipe)

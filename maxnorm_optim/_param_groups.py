@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
@@ -16,9 +15,9 @@ from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm as _LegacyWeightNorm
 
-from .validation import PER_UNIT, NormDim, normalize_options, resolve_norm_dim
+from ._options import PER_UNIT, SKIP, NormDim, parse_options, slice_dims
 
-__all__ = ["max_norm_param_groups", "sparse_rows_only"]
+__all__ = ["max_norm_param_groups"]
 
 _WHERE = "max_norm_param_groups"
 
@@ -70,7 +69,9 @@ def _legacy_norms(module: nn.Module) -> dict[str, Any]:
 
 def _unit_dim(norm_dim: NormDim, ndim: int) -> int:
     """The one dim that ``norm_dim`` leaves out (the output-unit dim)."""
-    dims = resolve_norm_dim(norm_dim, ndim) or ()
+    found = slice_dims(norm_dim, ndim)
+    dims = () if found is None or found is SKIP else found
+    assert isinstance(dims, tuple)
     (unit,) = set(range(ndim)) - set(dims)
     return unit
 
@@ -228,7 +229,7 @@ def _check_overrides(
         if merged["max_norm"] is None:
             # An exclusion does not inherit the keyword arguments' min_norm.
             merged["min_norm"] = value.get("min_norm", 0.0)
-        options = normalize_options(where, merged)
+        options = parse_options(where, merged).as_group()
         out[key] = None if options["max_norm"] is None else options
     return out
 
@@ -431,7 +432,7 @@ def max_norm_param_groups(
         "norm_type": norm_type,
         "error_if_nonfinite": error_if_nonfinite,
     }
-    base_options = normalize_options(_WHERE, keywords)
+    base_options = parse_options(_WHERE, keywords).as_group()
     base = base_options if base_options["max_norm"] is not None else None
     resolved = _check_overrides(overrides, keywords)
 
@@ -557,25 +558,3 @@ def _check_matches(
             )
         if not any(isinstance(mod, key) for _, mod in modules):
             raise ValueError(f"{_WHERE}: override {_label(key)}: the model has no {key.__name__}")
-
-
-def sparse_rows_only(
-    optimizer: torch.optim.Optimizer, group: dict[str, Any], param: Tensor
-) -> bool:
-    """Whether a step with a sparse gradient changes only the rows present in it.
-
-    True for `SparseAdam`; for `SGD` without momentum and weight decay; and for
-    `Adagrad` (whose sparse path requires `weight_decay == 0`); exact classes only,
-    since a subclass may change `step`. The projection then only needs to look at
-    those rows, provided `norm_dim` gives one norm per row of a 2-d weight.
-    """
-    if param.dim() != 2 or resolve_norm_dim(group["norm_dim"], 2) != (1,):
-        return False
-    kind = type(optimizer)
-    if kind is torch.optim.SparseAdam:
-        return True
-    if kind is torch.optim.SGD:
-        return group.get("momentum", 0) == 0 and group.get("weight_decay", 0) == 0
-    if kind is torch.optim.Adagrad:
-        return group.get("weight_decay", 0) == 0
-    return False

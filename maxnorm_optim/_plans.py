@@ -11,8 +11,9 @@ per tensor and call it picks the strategy of [`_kernels`][maxnorm_optim._kernels
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,16 @@ from torch import Tensor
 from . import _kernels as kn
 from ._options import SKIP, MaxNormOptions, NormDim, show, slice_dims
 
-__all__ = ["Plan", "is_dtensor", "make_plan", "plan_key", "project_dense_", "strategy"]
+__all__ = [
+    "Plan",
+    "fingerprint",
+    "forced_strategy",
+    "is_dtensor",
+    "make_plan",
+    "plan_key",
+    "project_dense_",
+    "strategy",
+]
 
 
 @dataclass
@@ -45,14 +55,32 @@ def is_dtensor(t: Tensor) -> bool:
     return type(t).__name__ == "DTensor"
 
 
-def plan_key(tensors: Sequence[Tensor], norm_dim: NormDim, selected: Iterable[int] = ()):
-    """What a `Plan` depends on: each tensor's identity, data pointer, shape, strides,
-    dtype and device, the `norm_dim`, and which tensors have selected rows."""
-    return (
-        norm_dim,
-        tuple(selected),
-        tuple((id(t), t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors),
-    )
+def fingerprint(tensors: Sequence[Tensor]) -> tuple[Any, ...]:
+    """What a plan depends on per tensor: identity, data pointer, shape, strides, dtype
+    and device (for a `DTensor`, those of its local shard and its placements).
+
+    Raises:
+        AttributeError, RuntimeError, TypeError: an item is not a dense tensor.
+    """
+    out = []
+    for t in tensors:
+        if is_dtensor(t):
+            local = t.to_local()  # type: ignore[attr-defined]
+            out.append((id(t), local.data_ptr(), t.shape, local.stride(), t.placements))
+        else:
+            out.append((id(t), t.data_ptr(), t.shape, t.stride(), t.dtype, t.device))
+    return tuple(out)
+
+
+def plan_key(
+    tensors: Sequence[Tensor],
+    norm_dim: NormDim,
+    selected: Iterable[int] = (),
+    prints: tuple[Any, ...] | None = None,
+) -> tuple[Any, ...]:
+    """The key a `Plan` stays valid under: the `norm_dim`, which tensors have selected
+    rows, and every tensor's `fingerprint` (`prints`, when already computed)."""
+    return (norm_dim, tuple(selected), fingerprint(tensors) if prints is None else prints)
 
 
 def _label(names: Sequence[str] | None, i: int) -> str:
@@ -131,9 +159,28 @@ def _make_batch(members: list[tuple[Tensor, str]], length: int, device: torch.de
 
 
 # -- dispatch --------------------------------------------------------------------------
+_FORCED: list[str] = []  # tests run the sync-free strategy on CPU through this
+
+
+@contextlib.contextmanager
+def forced_strategy(name: str) -> Iterator[None]:
+    """Run every eager projection with strategy `name` (`"cpu"` or `"sync_free"`), e.g.
+    the accelerators' sync-free kernels on CPU in tests."""
+    if name not in ("cpu", "sync_free"):
+        raise ValueError(f"unknown strategy {name!r}")
+    _FORCED.append(name)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
 def strategy(t: Tensor) -> str:
+    """`"compiled"` under `torch.compile`, else `"cpu"` on CPU, `"sync_free"` elsewhere."""
     if torch.compiler.is_compiling():
         return "compiled"
+    if _FORCED:
+        return _FORCED[-1]
     return "cpu" if t.device.type == "cpu" else "sync_free"
 
 

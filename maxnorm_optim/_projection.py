@@ -23,7 +23,13 @@ from ._kernels import ProjectionStats
 from ._options import PER_UNIT, MaxNormOptions, NormDim, parse_options
 from ._plans import Plan, is_dtensor, make_plan, plan_key, project_dense_
 
-__all__ = ["ProjectionStats", "check_tensor", "max_norm_", "project_"]
+__all__ = [
+    "ProjectionStats",
+    "check_tensor",
+    "max_norm_",
+    "project_",
+    "raise_if_nonfinite",
+]
 
 
 @torch.no_grad()
@@ -203,7 +209,7 @@ def max_norm_(
         if key is not None and not torch.compiler.is_compiling():
             _PLANS.put(key, plan, items)
     if options.error_if_nonfinite:
-        _raise_if_nonfinite(plan, options)
+        raise_if_nonfinite(plan, options)
     project_(items, options, plan=plan)
 
 
@@ -217,9 +223,12 @@ def check_tensor(t: Any, where: str) -> None:
         raise TypeError(f"{where} has dtype {t.dtype}; only floating and complex tensors")
 
 
-def _raise_if_nonfinite(plan: Plan, options: MaxNormOptions) -> None:
-    """The all-or-nothing check of `error_if_nonfinite`: every check norm first, so
-    that nothing is written when a slice holds NaN or inf."""
+def raise_if_nonfinite(
+    plan: Plan, options: MaxNormOptions, rows: dict[int, Tensor] | None = None
+) -> None:
+    """The all-or-nothing check of `error_if_nonfinite`: every dense slice first (for
+    tensors with selected rows, those rows), so that nothing is written when a slice
+    holds NaN or inf. (`DTensor`s check their reduced norms as they are projected.)"""
     p = options.norm_type
     for item in plan.rows:
         if not bool(_finite_slices(item.rows, p, (1,)).all()):
@@ -231,6 +240,11 @@ def _raise_if_nonfinite(plan: Plan, options: MaxNormOptions) -> None:
         for t, name in zip(batch.tensors, batch.names):
             if not bool(_finite_slices(t, p, (1,)).all()):
                 raise kn.nonfinite_error(name)
+    for i, sel in plan.selected.items():
+        view = sel.tensor.view(sel.tensor.shape[0], -1)
+        touched = view if rows is None else view.index_select(0, rows[i])
+        if not bool(_finite_slices(touched, p, (1,)).all()):
+            raise kn.nonfinite_error(sel.name)
 
 
 def _finite_slices(t: Tensor, p: float, dims: tuple[int, ...]) -> Tensor:
