@@ -915,16 +915,16 @@ def _machine() -> str:
                 break
     except OSError:
         pass
-    model = model or platform.processor() or platform.machine()
-    return f"{os.cpu_count()}-core {model} CPU"
+    model = model or platform.processor() or f"{platform.machine()} CPU"
+    return f"{os.cpu_count()}-core {model}"
 
 
 def readme_block(sweep: Sweep, command: str) -> str:
     return "\n".join(
         [
-            f"A real run of `{command}` ({_machine()}; torch {torch.__version__}; "
-            f"{sweep.seconds:.0f} s); `docs/demo-output.md` has its full output and what in it "
-            "depends on the machine:",
+            f"A real run of `{command}` ({_machine()}, torch {torch.__version__}; the runs "
+            f"took {sweep.seconds:.0f} s); `docs/demo-output.md` has its full output and what "
+            "in it depends on the machine:",
             "",
             table(sweep),
             "",
@@ -1020,10 +1020,12 @@ runs trained normally at both rates (1.3–3.2%).
 Max-norm does not make this small network better at a learning rate that already works:
 at the low rates the bound mostly clips units that would have grown a little beyond it,
 and the errors of both set-ups are close (max-norm's slightly higher when `c` is below
-the norms the bare net reaches). What it buys is stability: the bare net has a narrow
-band of usable learning rates and blows up above it, while the max-norm net keeps
-training, with a bounded weight norm, at rates far beyond where the bare one diverges —
-the finding of the dropout paper, which paired max-norm with large learning rates. Where
+the norms the bare net reaches). What it buys is stability: with the default options the
+bare net's usable learning rates end between 0.03 and 0.3 and it blows up above them,
+while the max-norm net keeps training, with a bounded weight norm, at 1 — the finding of
+the dropout paper, which paired max-norm with large learning rates. That is not without
+limit either: in the same checks (5 seeds each) the max-norm runs ended at 10–20% test
+error at 2 and at 64–90% at 3, though none diverged. Where
 no unit reaches the bound (a large `c`, a small rate, or an optimizer whose default rate
 is small), nothing is projected and the max-norm run is the bare run; the demo says so.
 """
