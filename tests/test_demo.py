@@ -165,6 +165,17 @@ def test_write_docs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "plot written to docs/img/demo.png" in page  # the printed output, verbatim
 
 
+def test_checkout_readme_has_the_generated_table() -> None:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    _, rest = text.split(START)
+    block, _ = rest.split(END)
+    assert "`python -m maxnorm_optim.demo`" in block  # generated from a default run
+    assert f"SGD + max-norm (c={demo.MAX_NORM:g})" in block
+    assert list(table_rows(block)) == [f"{lr:g}" for lr in demo.SGD_LRS]
+    page = (REPO / "docs" / "demo-output.md").read_text(encoding="utf-8")
+    assert table_rows(page) == table_rows(block)
+
+
 # -- option checks ------------------------------------------------------------------------
 
 
