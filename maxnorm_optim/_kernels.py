@@ -203,9 +203,19 @@ class Pipeline:
         self.u_store = num.unit_roundoff(dtype)
         self.acc = num.check_dtype(dtype) or self.work
         self.rate_one = options.rate == 1.0
-        # Where hi^p overflows the check dtype, vector_norm cannot judge; float64 does.
         hi = self.bounds.hi
-        self.judge_same = math.isfinite(hi) and _power_fits(hi, self.p, self.acc)
+        self._fits = math.isfinite(hi) and _power_fits(hi, self.p, self.acc)
+
+    def check_bound(self, length: int) -> float:
+        """`error_bound` of the check norm of slices of `length` near the bound."""
+        scale = self.bounds.hi if math.isfinite(self.bounds.hi) else max(self.bounds.lo, 1e-300)
+        return num.error_bound(length, self.p, self.dtype, self.complex, scale)
+
+    def judges(self, length: int) -> bool:
+        """Whether the same-dtype check can judge slices of `length` at the bound: where
+        `hi^p` overflows the check dtype, or lies where its terms underflow, it cannot,
+        and the float64 check (proven by construction) is the judge."""
+        return self._fits and self.bounds.hi > 2 * num.low_zone(length, self.p, self.acc)
 
     # -- classification ---------------------------------------------------------
     def suspects(self, check: Tensor, length: int) -> Tensor:
@@ -244,12 +254,12 @@ class Pipeline:
         check, float64 check)`. A check that holds by construction is not verified."""
         if not self.rate_one:
             return False, False
-        same = self.judge_same and not prove and not self._proven(length, eps)
+        same = self.judges(length) and not prove and not self._proven(length, eps)
         return same, self.half and not prove
 
     def _proven(self, length: int, eps: float) -> bool:
         # Short slices: the check norm's own error bound costs under ~2e-6 of margin.
-        own = num.error_bound(length, self.p, self.dtype, self.complex)
+        own = self.check_bound(length)
         return not self.half and own + eps <= 2e-6
 
     def margins(self, length: int, eps: float, prove: bool) -> tuple[float, float]:
@@ -263,9 +273,12 @@ class Pipeline:
         u64 = num.unit_roundoff(torch.float64)
         base = eps + 3 * self.u_work + num.gamma(2 * length + 4, u64)
         hi = base + (0.0 if self.half and not prove else self.u_store)
-        if self.judge_same and (prove or self._proven(length, eps)):
-            hi += num.error_bound(length, self.p, self.dtype, self.complex)
-        return hi, base + self.u_store
+        own = self.check_bound(length)
+        if self.judges(length) and (prove or self._proven(length, eps)):
+            hi += own
+        # Scaled-up slices aim far enough above lo that the check, too, reads >= lo.
+        lo = base + self.u_store + (own if self.judges(length) else 0.0)
+        return hi, lo
 
     def factors(
         self,
@@ -276,8 +289,8 @@ class Pipeline:
         margins: tuple[float, float],
         check: Tensor | None = None,
         length: int = 0,
-    ) -> Tensor:
-        """Per-slice factors (float64), exactly 1 where not `selected`.
+    ) -> num.Factors:
+        """Per-slice factors, exactly 1 where not `selected`.
 
         `check`: the slices' check norms, given where the scaled slices will be verified
         with them. A rounded sum of `n` terms typically errs by about `sqrt(n) u`, and
@@ -288,11 +301,30 @@ class Pipeline:
         goal = num.targets(norms, over, under, self.bounds, *margins)
         safe = torch.where(selected, norms, torch.ones_like(norms))
         if check is not None:
-            typical = math.sqrt(2 * length if self.complex else length) * num.unit_roundoff(self.acc)
+            terms = 2 * length if self.complex else length
+            typical = math.sqrt(terms) * num.unit_roundoff(self.acc)
             ratio = (check.to(torch.float64) / safe).nan_to_num(nan=1.0, posinf=1.0)
-            slack = (2 * (ratio - 1).abs()).clamp(min=2 * typical, max=1e-3)
-            goal = torch.where(over, goal / (1 + slack), goal)
-        return torch.where(selected, goal / safe, torch.ones_like(norms))
+            cap = 1e-3
+            if self.bounds.lo > 0:  # stay above the lower acceptance bound
+                cap = min(cap, (1 - self.bounds.accept_lo / self.bounds.hi) / 4)
+            slack = (2 * (ratio - 1).abs()).clamp(min=min(2 * typical, cap), max=cap)
+            # Slices aimed at the top of the band (over it, or scaled up into a narrow
+            # band) aim lower by the slack.
+            top = self.bounds.hi * (1.0 - margins[0])
+            goal = torch.where(over | (under & (goal >= top)), goal / (1 + slack), goal)
+        one = torch.ones_like(norms)
+        return num.quotient(torch.where(selected, goal, one), torch.where(selected, safe, one))
+
+    def safe_grow(self, checked: Tensor, length: int) -> Tensor:
+        """Factors that bring slices whose check norm reads `checked` (below the lower
+        acceptance bound) up to it, capped where the check could then exceed the upper
+        bound (for any summation order); 1 where no growth is provably safe."""
+        beta = self.check_bound(length)
+        safe = checked.clamp(min=torch.finfo(torch.float64).tiny)
+        want = self.bounds.accept_lo / safe * (1 + 8 * self.u_work)
+        room = (1 + beta) * (1 + self.u_store) * (1 + self.u_work) ** 2
+        most = self.bounds.hi * (1 - beta) / (room * safe)
+        return torch.where(want <= most, want, torch.ones_like(want))
 
     def safe_shrink(self, checked: Tensor, length: int) -> Tensor:
         """Factors that provably bring slices whose check norms (or float64 upper
@@ -300,7 +332,7 @@ class Pipeline:
         settling step, which needs no host sync."""
         u64 = num.unit_roundoff(torch.float64)
         beta = max(
-            num.error_bound(length, self.p, self.dtype, self.complex),
+            self.check_bound(length),
             num.gamma(2 * length + 4, u64),
         )
         info = torch.finfo(self.work if self.complex or self.half else self.dtype)
@@ -327,17 +359,17 @@ def _work_view(x: Tensor) -> Tensor:
     return torch.view_as_real(x) if x.is_complex() else x
 
 
-def _scale_rows_(x: Tensor, factors: Tensor, work: torch.dtype) -> None:
-    """`x *= factors[:, None]` in the work dtype, with extreme factors split into a
-    power of two and a remainder (a host-side check: CPU only)."""
+def _scale_rows_(x: Tensor, factors: Tensor | num.Factors, work: torch.dtype) -> None:
+    """`x *= factors[:, None]` in the work dtype (CPU: a host-side check spares the
+    second multiply of extreme factors when there is none)."""
     view = _work_view(x)
     shape = (-1,) + (1,) * (view.dim() - 1)
-    limit = 2.0 ** (100 if work == torch.float32 else 1000)
-    if bool(((factors > limit) | (factors < 1 / limit)).any()):
-        power, rest = num.split_factors(factors, work)
-        view.mul_(power.view(shape)).mul_(rest.view(shape))
-    else:
-        view.mul_(factors.to(work).view(shape))
+    if isinstance(factors, Tensor):
+        factors = num.factors_of(factors)
+    first, second = num.split_factors(factors, work)
+    view.mul_(first.view(shape))
+    if bool((second != 1).any()):
+        view.mul_(second.view(shape))
 
 
 class _Gathered:
@@ -353,14 +385,14 @@ class _Gathered:
         else:
             self.work = store
 
-    def scale(self, idx: Tensor | None, factors: Tensor, work: torch.dtype) -> None:
+    def scale(self, idx: Tensor | None, factors: Tensor | num.Factors, work: torch.dtype) -> None:
         if idx is None:
             _scale_rows_(self.work, factors, work)
             if self.work is not self.store:
                 self.store.copy_(self.work)
             return
         rows = self.work.index_select(0, idx)
-        _scale_rows_(rows, factors, work)
+        _scale_rows_(rows, factors, work)  # factors of the rows idx
         self.work.index_copy_(0, idx, rows)
         if self.work is not self.store:
             self.store.index_copy_(0, idx, rows.to(self.store.dtype))
@@ -406,9 +438,13 @@ def _settle_cpu(pipe: Pipeline, rows: _Gathered, same: bool, wide: bool) -> None
 
 
 def _lift_cpu(pipe: Pipeline, rows: _Gathered, under: Tensor, same: bool, wide: bool) -> None:
-    """Scaled-up rows whose check norm still reads below the lower acceptance bound get
-    one more push up, kept only where the upper checks still hold."""
+    """Scaled rows whose check norm reads below the lower acceptance bound get one more
+    push up, kept only where the upper checks still hold (so that a second projection
+    leaves them alone)."""
     b = pipe.bounds
+    length = rows.store.shape[1]
+    if not pipe.judges(length):
+        return  # the scaled-up rows aimed at lo by float64 norms; no same-dtype judge here
     check = user_check(rows.store, pipe.p, (1,)).to(torch.float64)
     low = under & (check < b.accept_lo) & (check > 0)
     if not bool(low.any()):
@@ -418,7 +454,7 @@ def _lift_cpu(pipe: Pipeline, rows: _Gathered, under: Tensor, same: bool, wide: 
     grow = (b.accept_lo / check.index_select(0, idx)) * (1 + 8 * pipe.u_work)
     _scale_rows_(work, grow, pipe.work)
     stored = work.to(rows.store.dtype)
-    ok = ~(_upper(pipe, stored, same or pipe.judge_same, wide) > b.hi)
+    ok = ~(_upper(pipe, stored, True, wide) > b.hi)
     if bool(ok.any()):
         keep = idx[ok]
         rows.work.index_copy_(0, keep, work[ok])
@@ -441,8 +477,8 @@ def _cpu_scale(
     rows.scale(None, factors, pipe.work)
     same, wide = pipe.verifies(length, eps, prove)
     _settle_cpu(pipe, rows, same, wide)
-    if pipe.bounds.lo > 0 and pipe.rate_one and bool(under.any()):
-        _lift_cpu(pipe, rows, under, same, wide)
+    if pipe.bounds.lo > 0 and pipe.rate_one:
+        _lift_cpu(pipe, rows, every, same, wide)
 
 
 def _cpu_decide(
@@ -635,7 +671,7 @@ def _accurate_all(pipe: Pipeline, rows: Tensor) -> tuple[Tensor, float]:
     fast = not rows.is_complex() and rows.dtype != torch.float64 and pipe.p <= 4
     if fast:
         u64 = num.unit_roundoff(torch.float64)
-        eps = 1.01 * (num.gamma(length + 8, u64) / pipe.p + 8 * u64)
+        eps = 1.01 * (num.gamma(length + 1024, u64) / pipe.p + 1024 * u64)
     else:
         eps = num.rescaled_bound(length, pipe.p, rows.is_complex())
 
@@ -650,24 +686,28 @@ def _accurate_all(pipe: Pipeline, rows: Tensor) -> tuple[Tensor, float]:
     return torch.cat([one(rows[i : i + step]) for i in range(0, s, step)]), eps
 
 
-def where_scale_(rows: Tensor, selected: Tensor, factors: Tensor, pipe: Pipeline) -> None:
+def where_scale_(
+    rows: Tensor, selected: Tensor, factors: Tensor | num.Factors, pipe: Pipeline
+) -> None:
     """Scale the selected rows by `factors`, leaving every other row's bits as they
     are (`torch.where`, never a multiplication by 1), without host syncs."""
-    power, rest = num.split_factors(factors, pipe.work)
+    if isinstance(factors, Tensor):
+        factors = num.factors_of(factors)
+    first, second = num.split_factors(factors, pipe.work)
 
-    def apply(block: Tensor, sel: Tensor, pw: Tensor, r: Tensor) -> None:
+    def apply(block: Tensor, sel: Tensor, a: Tensor, b: Tensor) -> None:
         view = _work_view(block)
         shape = (-1,) + (1,) * (view.dim() - 1)
-        scaled = (view.to(pipe.work) * pw.view(shape)) * r.view(shape)
+        scaled = (view.to(pipe.work) * a.view(shape)) * b.view(shape)
         view.copy_(torch.where(sel.view(shape), scaled.to(view.dtype), view))
 
     s, length = rows.shape
     if torch.compiler.is_compiling() or s * length <= SCRATCH_NUMEL:
-        apply(rows, selected, power, rest)
+        apply(rows, selected, first, second)
         return
     step = max(1, SCRATCH_NUMEL // max(length, 1))
     for i in range(0, s, step):
-        apply(rows[i : i + step], selected[i : i + step], power[i : i + step], rest[i : i + step])
+        apply(rows[i : i + step], selected[i : i + step], first[i : i + step], second[i : i + step])
 
 
 def sync_free_rows(
@@ -698,19 +738,35 @@ def sync_free_rows(
     factors = pipe.factors(accurate, over, under, selected, margins, aim, length)
     where_scale_(rows, selected, factors, pipe)
     same, wide = pipe.verifies(length, eps, prove)
-    if not (same or wide):
+    lift = pipe.bounds.lo > 0 and pipe.rate_one and pipe.judges(length) and not prove
+    if not (same or wide or lift):
         return
-    # One verification with the user's check, then a provably sufficient shrink of the
-    # slices that fail it (no host sync, so no data-dependent loop).
-    upper = torch.full_like(decision, -math.inf)
-    if same:
-        upper = user_check(rows, pipe.p, (1,)).to(torch.float64)
-    if wide:
-        again, eps64 = _accurate_all(pipe, rows)
-        upper = torch.maximum(upper, again * (1 + 2 * eps64))
-    fail = selected & (upper > pipe.bounds.hi)
-    shrink = torch.where(fail, pipe.safe_shrink(upper, length), torch.ones_like(upper))
-    where_scale_(rows, fail, shrink, pipe)
+    # Verification with the user's check (no host sync, so a fixed number of rounds):
+    # slices that fail it shrink, and scaled slices it reads below the lower acceptance
+    # bound are pushed up where provably safe. With a lower bound, three rounds aim
+    # (a few ulps) and the last is provably sufficient; without, only the last.
+    for last in ((False, False, False, True) if lift else (True,)):
+        now = user_check(rows, pipe.p, (1,)).to(torch.float64) if (same or lift) else None
+        upper = torch.full_like(decision, -math.inf)
+        if same:
+            assert now is not None
+            upper = now
+        if wide:
+            again, eps64 = _accurate_all(pipe, rows)
+            upper = torch.maximum(upper, again * (1 + 2 * eps64))
+        fail = selected & (upper > pipe.bounds.hi)
+        if last:
+            shrink = pipe.safe_shrink(upper, length)
+        else:
+            shrink = (pipe.bounds.hi / upper.clamp(min=1e-300)) * (1 - 8 * pipe.u_work)
+        change = torch.where(fail, shrink.clamp(min=0.0, max=1.0), torch.ones_like(upper))
+        if lift:
+            assert now is not None
+            grow = pipe.safe_grow(now, length)
+            low = selected & ~fail & (now > 0) & (now < pipe.bounds.accept_lo) & (grow > 1)
+            change = torch.where(low, grow, change)
+            fail = fail | low
+        where_scale_(rows, fail, change, pipe)
 
 
 def sync_free_batch(

@@ -10,8 +10,9 @@ A leaf module: it imports only `torch` and the options. Each function has one jo
   `<= max_norm` by construction (no reliance on the rounding of any one reduction).
 * `error_bound`: a bound on the relative error of `check_norms` for any summation
   order, used for the last, sync-free settling step.
-* `targets`, `split_factors`: per-slice targets and factors, applied as a power of two
-  and a remainder so that no factor over- or underflows the working dtype.
+* `targets`, `quotient`, `split_factors`: per-slice targets and factors, kept as a
+  mantissa and a power of two and applied in at most two steps, so that no factor
+  over- or underflows (a float64 subnormal slice scaled up to 1 needs 2^1070).
 
 The constants follow the standard error analysis of floating-point sums (Higham,
 *Accuracy and Stability of Numerical Algorithms*, ch. 4): a sum of `n` non-negative
@@ -31,16 +32,19 @@ from ._options import MaxNormOptions
 
 __all__ = [
     "Bounds",
+    "Factors",
     "accurate_norms",
     "blocked_bound",
     "blocked_norms",
     "check_dtype",
     "check_norms",
     "error_bound",
+    "factors_of",
     "gamma",
     "low_zone",
     "make_bounds",
     "pow2",
+    "quotient",
     "reliable",
     "rescaled_bound",
     "rescaled_norms",
@@ -88,12 +92,16 @@ def check_norms(x: Tensor, p: float, dim: int | tuple[int, ...] | None, keepdim:
     return torch.linalg.vector_norm(x, p, dim=dim, keepdim=keepdim, dtype=check_dtype(x.dtype))
 
 
-def error_bound(length: int, p: float, dtype: torch.dtype, complex_: bool = False) -> float:
-    """Relative error bound of `check_norms` over a slice of `length` elements, for
-    any summation order (first order in u, times a safety factor of 1.01).
+def error_bound(
+    length: int, p: float, dtype: torch.dtype, complex_: bool = False, scale: float = 1.0
+) -> float:
+    """Relative error bound of `check_norms` over a slice of `length` elements whose
+    norm is about `scale`, for any summation order (first order in u, times 1.01).
 
     `p = inf` is exact; for `p = 1` only the sum rounds; for `p = 2` each square and
-    the square root round once; other `p` allow `_POW_ULPS` per power.
+    the square root round once. Other `p` are computed as `exp(p log|x|)`, whose error
+    grows with `|p log|x||`: each power is allowed `4 + p (|ln scale| + ln(length) / p + 1)`
+    ulps and the root `5 + |ln scale|` (measured errors are a fraction of that).
     """
     u = unit_roundoff(check_dtype(dtype) or dtype)
     n = 2 * length if complex_ else length
@@ -101,7 +109,14 @@ def error_bound(length: int, p: float, dtype: torch.dtype, complex_: bool = Fals
         return 0.0
     if p == 1.0 and not complex_:
         return 1.01 * gamma(max(n - 1, 0), u)
-    term, root = (1.0, 1.0) if p == 2.0 else (_POW_ULPS, _POW_ULPS)
+    if p == 1.0:  # complex: |z| rounds, then the sum of `length` terms
+        return 1.01 * gamma(max(length - 1, 0) + 3, u)
+    if p == 2.0 or p == math.inf:
+        term, root = 1.0, 1.0
+    else:
+        logs = abs(math.log(scale)) if 0 < scale < math.inf else 1000.0
+        term = _POW_ULPS + p * (logs + math.log(max(n, 1)) / p + 1)
+        root = _POW_ULPS + 1 + logs
     if complex_:
         term += 2.0  # |z| = hypot(re, im) rounds too
     if p == math.inf:
@@ -185,7 +200,7 @@ def accurate_norms(
             return x.new_zeros(rows, dtype=torch.float64), 0.0
         return x.abs().amax(dim=1).to(torch.float64), 0.0
     acc = check_dtype(dtype) or torch.empty((), dtype=dtype).real.dtype
-    own = error_bound(length, p, dtype, x.is_complex())
+    own = error_bound(length, p, dtype, x.is_complex(), _scale(check))
     if check is not None and own <= 2e-6:
         norms, eps = check.to(torch.float64), own
     elif check is not None and p == 2.0 and x.dtype in (torch.float32, *_HALF):
@@ -202,6 +217,18 @@ def accurate_norms(
     return norms, eps
 
 
+def _scale(check: Tensor | None) -> float:
+    """A magnitude for `error_bound` from check norms (1 when unknown or not positive):
+    the one of largest |log| among them, so that the bound covers every row."""
+    if check is None or check.numel() == 0:
+        return 1.0
+    finite = check[torch.isfinite(check) & (check > 0)]
+    if finite.numel() == 0:
+        return 1.0
+    lo, hi = float(finite.min()), float(finite.max())
+    return lo if abs(math.log(lo)) > abs(math.log(hi)) else hi
+
+
 def rescaled_bound(length: int, p: float, complex_: bool) -> float:
     n = 2 * length if complex_ else length
     u64 = unit_roundoff(torch.float64)
@@ -210,8 +237,8 @@ def rescaled_bound(length: int, p: float, complex_: bool) -> float:
         eps = gamma(n, u64)
     elif p == 2.0:
         eps = gamma(n + 1 + extra, u64) / 2 + u64
-    else:
-        eps = gamma(n + _POW_ULPS + extra, u64) / min(p, 1e6) + _POW_ULPS * u64
+    else:  # values rescaled to at most 1; allow generously for float64 pow
+        eps = gamma(n + 64 * _POW_ULPS + extra, u64) / min(p, 1e6) + 64 * _POW_ULPS * u64
     return 1.01 * eps + 4 * u64
 
 
@@ -252,9 +279,10 @@ def rescaled_norms(x: Tensor, p: float) -> Tensor:
     finite = torch.isfinite(top) & (top > 0)
     _, exp = torch.frexp(torch.where(finite, top, torch.ones_like(top)))
     exp = exp.to(torch.float64)
-    norms = torch.linalg.vector_norm(mags * pow2(-exp).unsqueeze(1), p, dim=1)
-    # Scale back by 2^exp in two halves: 2^exp alone may overflow where the product does not.
+    # Scale by 2^-exp in two halves: 2^-exp alone may overflow (float64 subnormals).
     half = torch.floor(exp / 2)
+    scaled = mags * pow2(-half).unsqueeze(1) * pow2(half - exp).unsqueeze(1)
+    norms = torch.linalg.vector_norm(scaled, p, dim=1)
     norms = norms * pow2(half) * pow2(exp - half)
     # Zero rows stay 0; rows holding inf or NaN give their own norm (inf or NaN).
     return torch.where(finite, norms, torch.linalg.vector_norm(mags, p, dim=1))
@@ -283,13 +311,35 @@ def targets(
     return goal
 
 
-def split_factors(factors: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """`factors` (float64) as `(2^k, r)` in `dtype` with `2^k * r == factors` up to the
-    rounding of `r`, and both within `dtype`'s normal range, so that `(x * 2^k) * r`
-    never over- or underflows where `x * factors` fits."""
+class Factors(NamedTuple):
+    """Per-slice factors as `mant * 2^exp` (float64; `exp` integral), so that factors
+    beyond the float64 range (a float64 subnormal slice scaled up) are represented."""
+
+    mant: Tensor
+    exp: Tensor
+
+
+def factors_of(f: Tensor) -> Factors:
+    """`f` (float64, finite) as `Factors`."""
+    mant, exp = torch.frexp(f)
+    return Factors(mant, exp.to(torch.float64))
+
+
+def quotient(goal: Tensor, norms: Tensor) -> Factors:
+    """`goal / norms` as `Factors`, without over- or underflow (both positive)."""
+    gm, ge = torch.frexp(goal)
+    nm, ne = torch.frexp(norms)
+    return Factors(gm / nm, (ge - ne).to(torch.float64))
+
+
+def split_factors(factors: Factors, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """`factors` as `(a, b)` in `dtype`, both within its normal range, with
+    `a * b == factors` up to the rounding of the mantissa, so that `(x * a) * b`
+    neither over- nor underflows where `x * factors` fits (`b` is 1 unless the factor
+    is beyond the range of one normal number)."""
     info = torch.finfo(dtype)
-    limit = math.floor(math.log2(info.max)) - 1
-    _, exp = torch.frexp(factors)
-    power = pow2(exp.to(torch.float64).clamp(-limit, limit))
-    rest = factors / power
-    return power.to(dtype), rest.to(dtype)
+    limit = math.floor(math.log2(info.max)) - 2
+    first = factors.exp.clamp(-limit, limit)
+    second = (factors.exp - first).clamp(-limit, limit)
+    a = factors.mant * pow2(first)
+    return a.to(dtype), pow2(second).to(dtype)
