@@ -118,6 +118,11 @@ def _real(where: int | str, key: str, value: Any, *, allow_none: bool = False) -
 def _norm_dim(where: int | str, value: Any) -> NormDim:
     if value is None or (isinstance(value, str) and value == PER_UNIT):
         return value
+    if isinstance(value, str):
+        raise ValueError(
+            f"{_where(where)}: norm_dim must be an int, a tuple of ints, None or "
+            f"{PER_UNIT!r}, but got {show(value)}"
+        )
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
     if isinstance(value, (tuple, list)) and all(

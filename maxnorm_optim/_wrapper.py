@@ -114,12 +114,13 @@ class MaxNormWrapper(Optimizer):
 
     Examples:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+        >>> _ = model[1].weight.data.fill_(10.0)  # a LayerNorm gain of norm 17
         >>> opt = MaxNormWrapper(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=1.0)
         >>> model(torch.randn(8, 4)).pow(2).sum().backward()
         >>> opt.step()
-        >>> bool(model[0].weight.norm(dim=1).max() <= 1.0)
+        >>> bool(model[0].weight.norm(dim=1).max() <= 1.0)  # one norm per output unit
         True
-        >>> bool((model[1].weight == 1).all())  # a 1-d gain: not constrained
+        >>> bool(model[1].weight.norm() > 1.0)  # 1-d gains and biases: not constrained
         True
     """
 
@@ -186,6 +187,7 @@ class MaxNormWrapper(Optimizer):
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         self._warned_capturable_if_run_uncaptured = True
+        self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
         base = self.optimizer
         _ensure_hook_dicts(base)
         base._maxnorm_wrapper = self  # type: ignore[attr-defined]

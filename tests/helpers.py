@@ -13,11 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from reference import reference_dims, reference_project, slice_norms
+from reference import check_norms, reference_project, slice_norms
 
-# Scaled slices are compared with this relative tolerance (the library aims a few ulps
-# inside the bound); slices the reference leaves alone must be bitwise equal.
-RTOL = 1e-6
+# Scaled slices are compared with this relative tolerance (the library aims just inside
+# the bound: a few ulps, more on long slices); slices the reference leaves alone must
+# be bitwise equal.
+RTOL = 1e-5
 
 
 def assert_projected(actual: Tensor, before: Tensor, max_norm: float, **kw: Any) -> int:
@@ -35,10 +36,11 @@ def assert_projected(actual: Tensor, before: Tensor, max_norm: float, **kw: Any)
 
 
 def assert_within(t: Tensor, max_norm: float, norm_dim: Any = "per_unit", p: float = 2.0):
-    """Every slice norm, computed in the tensor's own dtype, is ``<= max_norm``."""
-    dims = reference_dims(norm_dim, t.dim())
-    n = torch.linalg.vector_norm(t.detach(), p, dim=dims)
+    """Every slice norm, computed in the tensor's own dtype and in float64, is
+    ``<= max_norm`` (tensors without slices pass)."""
+    n = check_norms(t, norm_dim, p)
     assert bool((n <= max_norm).all()), f"norms {n.flatten().tolist()} exceed {max_norm}"
+    assert bool((slice_norms(t, norm_dim, p) <= max_norm).all())
 
 
 def assert_state_equal(a: Any, b: Any, path: str = "state") -> None:

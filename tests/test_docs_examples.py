@@ -101,8 +101,9 @@ def test_doctests_exist() -> None:
         name: sum(len(t.examples) for t in finder.find(importlib.import_module(name)))
         for name in package_modules()
     }
-    assert examples["maxnorm_optim.wrapper"] >= 1, examples
-    assert examples["maxnorm_optim.param_groups"] >= 1, examples
+    assert examples["maxnorm_optim._wrapper"] >= 1, examples
+    assert examples["maxnorm_optim._param_groups"] >= 1, examples
+    assert examples["maxnorm_optim._projection"] >= 1, examples
 
 
 def test_version_from_a_fresh_interpreter() -> None:

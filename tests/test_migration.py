@@ -61,7 +61,7 @@ def test_keras_max_norm_is_per_unit(keras, kernel_shape, axis, to_torch):
     max_norm_(weight, 1.0)  # norm_dim="per_unit"
     # Keras divides by (norm + 1e-7): undo that, the rest is the same projection.
     keras_undone = expected.permute(to_torch) * ((norms + 1e-7) / norms)
-    torch.testing.assert_close(weight, keras_undone, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(weight, keras_undone, rtol=1e-5, atol=1e-7)
 
 
 def test_a_literal_copy_of_axis_0_is_wrong(keras):
@@ -70,7 +70,7 @@ def test_a_literal_copy_of_axis_0_is_wrong(keras):
     right, wrong = kernel.T.contiguous(), kernel.T.contiguous()
     max_norm_(right, 2.0)
     max_norm_(wrong, 2.0, norm_dim=0)
-    torch.testing.assert_close(right, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(right, expected, rtol=1e-5, atol=1e-6)
     assert (wrong - expected).abs().max() > 0.1
     torch.testing.assert_close(wrong.norm(dim=1), torch.tensor([2.8011, 0.7168]), atol=1e-4, rtol=0)
 

@@ -30,7 +30,7 @@ def test_min_max_norm_formula_and_exactness():
     assert torch.equal(w[2:5], before[2:5])  # inside [0.5, 1]: bitwise unchanged
     torch.testing.assert_close(n[1], torch.tensor(0.5))
     assert bool((n[5:] <= 1.0).all())
-    torch.testing.assert_close(w, reference_project(before, 1.0, min_norm=0.5), rtol=1e-6, atol=0)
+    torch.testing.assert_close(w, reference_project(before, 1.0, min_norm=0.5), rtol=1e-5, atol=0)
 
 
 def test_rate_is_keras_soft_projection():
@@ -54,7 +54,7 @@ def test_unit_norm():
     n = slice_norms(w).squeeze(1)
     nonzero = torch.ones(200, dtype=torch.bool)
     nonzero[3] = False
-    torch.testing.assert_close(n[nonzero], torch.ones(199, dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(n[nonzero], torch.ones(199, dtype=torch.float64), rtol=1e-5, atol=0)
     assert n[3] == 0
     once = w.clone()
     max_norm_(w, 1.0, min_norm=1.0)
@@ -112,11 +112,11 @@ def test_matches_keras_constraints(keras, make, ours):
     inside = ~outside
     # Scaled slices agree once Keras' division by (norm + 1e-7) instead of norm is undone.
     keras_undone = expected.T * ((n + 1e-7) / n)
-    torch.testing.assert_close(w[outside], keras_undone[outside], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(w[outside], keras_undone[outside], rtol=1e-5, atol=1e-8)
     # Documented difference: Keras also shrinks in-bound slices by norm / (norm + 1e-7).
     assert torch.equal(w[inside], before[inside])
     torch.testing.assert_close(
-        expected.T[inside], before[inside] * (n / (n + 1e-7))[inside], rtol=1e-6, atol=0
+        expected.T[inside], before[inside] * (n / (n + 1e-7))[inside], rtol=1e-5, atol=0
     )
     assert outside.any()
     assert inside.any() == (lo < hi)  # unit norm: every nonzero slice is rescaled

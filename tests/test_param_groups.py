@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from maxnorm_optim import MaxNormWrapper, max_norm_
-from maxnorm_optim._param_groups import max_norm_param_groups
+from maxnorm_optim import MaxNormWrapper, max_norm_param_groups
 
 OPTIONS = ("max_norm", "min_norm", "rate", "norm_type", "norm_dim", "error_if_nonfinite")
 
@@ -867,19 +866,10 @@ def test_every_parameter_in_exactly_one_group(kinds, excluded, tie):
                 assert slice_norms(p, g["norm_dim"]).max() <= 1.5
 
 
-# -- after the per-unit change: the helper and a plain wrapper agree on simple models ---------
-def _per_unit_leaves_vectors() -> bool:
-    v = torch.full((4,), 10.0)
-    max_norm_(v, 1.0)
-    return bool((v == 10.0).all())
-
-
-@pytest.mark.xfail(
-    not _per_unit_leaves_vectors(),
-    reason='needs the "per_unit" change: 0-d and 1-d tensors are left unchanged',
-    strict=True,
-)
+# -- the helper and a plain wrapper agree on simple models -----------------------------------
 def test_plain_wrapper_matches_the_groups_on_plain_layers():
+    """The one-liner (`max_norm=` on every parameter) constrains exactly what the helper
+    does on plain layers: biases and norm-layer gains are left alone."""
     torch.manual_seed(0)
     make = lambda: nn.Sequential(  # noqa: E731
         nn.Conv1d(2, 4, 3), nn.LayerNorm(3), nn.Flatten(), nn.Linear(12, 5), nn.Embedding(5, 4)
@@ -894,4 +884,4 @@ def test_plain_wrapper_matches_the_groups_on_plain_layers():
         if pa.dim() <= 1:
             assert torch.equal(pa, pb), name  # left unchanged by both
         else:
-            torch.testing.assert_close(pa, pb, rtol=1e-6, atol=0)
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=0)
