@@ -223,18 +223,31 @@ class Pipeline:
         are re-measured on a rescaled float64 copy before they are classified."""
         out = torch.isinf(check)
         low = num.low_zone(length, self.p, self.acc)
-        if low > 0 and (self.bounds.accept_lo > 0 or self.bounds.hi <= 2 * low):
+        if low > 0 and (self.bounds.lo > 0 or self.bounds.hi <= 2 * low):
             out = out | (check < low)
         return out
 
+    def accept(self, length: int) -> float:
+        """Slices of `length` whose norm is `0 < n < accept` are scaled up: `lo`, or, where
+        `[lo, hi]` is narrower than the check can resolve (unit norm), `hi (1 - tau)` with
+        `tau = max(1e-5, 2 eps, twice the check's error bound)`, so that a scaled slice is
+        not chased below the resolution of the dtype or of the check (twice: a slice aimed
+        one bound under `hi` may read one more bound lower)."""
+        b = self.bounds
+        if b.lo <= 0:
+            return 0.0
+        own = self.check_bound(length) if self.judges(length) else 0.0
+        tau = max(1e-5, 4 * self.u_store, 2 * own + 8 * self.u_work)
+        return min(b.lo, b.hi * (1 - tau))
+
     def classify(
-        self, decision: Tensor, skip: Tensor | None
+        self, decision: Tensor, skip: Tensor | None, length: int = 1
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """`(over, under, nonfinite, selected)` from float64 decision norms."""
         b = self.bounds
         nonfinite = ~torch.isfinite(decision)
         over = decision > b.hi
-        under = (decision > 0) & (decision < b.accept_lo)
+        under = (decision > 0) & (decision < self.accept(length))
         selected = (over | under) & ~nonfinite
         if skip is not None:
             selected = selected & (skip.to(decision.device) == 0)
@@ -244,7 +257,7 @@ class Pipeline:
         """A cheap host-side test: whether any slice may be over, under, or suspect
         (NaN compares False: a slice holding NaN is left alone)."""
         b = self.bounds
-        if b.accept_lo > 0 or b.hi <= 2 * num.low_zone(length, self.p, self.acc):
+        if b.lo > 0 or b.hi <= 2 * num.low_zone(length, self.p, self.acc):
             return True
         return bool((check > b.hi).any())
 
@@ -306,7 +319,7 @@ class Pipeline:
             ratio = (check.to(torch.float64) / safe).nan_to_num(nan=1.0, posinf=1.0)
             cap = 1e-3
             if self.bounds.lo > 0:  # stay above the lower acceptance bound
-                cap = min(cap, (1 - self.bounds.accept_lo / self.bounds.hi) / 4)
+                cap = min(cap, (1 - self.accept(length) / self.bounds.hi) / 4)
             slack = (2 * (ratio - 1).abs()).clamp(min=min(2 * typical, cap), max=cap)
             # Slices aimed at the top of the band (over it, or scaled up into a narrow
             # band) aim lower by the slack.
@@ -321,7 +334,7 @@ class Pipeline:
         bound (for any summation order); 1 where no growth is provably safe."""
         beta = self.check_bound(length)
         safe = checked.clamp(min=torch.finfo(torch.float64).tiny)
-        want = self.bounds.accept_lo / safe * (1 + 8 * self.u_work)
+        want = self.accept(length) / safe * (1 + 8 * self.u_work)
         room = (1 + beta) * (1 + self.u_store) * (1 + self.u_work) ** 2
         most = self.bounds.hi * (1 - beta) / (room * safe)
         return torch.where(want <= most, want, torch.ones_like(want))
@@ -429,12 +442,21 @@ def _settle_cpu(pipe: Pipeline, rows: _Gathered, same: bool, wide: bool) -> None
             return
         idx = fail.nonzero().squeeze(1)
         bad = upper.index_select(0, idx)
-        if step < _SETTLE_STEPS:
-            shrink = ((hi / bad) * (1 - 4 * pipe.u_work * 2.0**step)).clamp(min=0.5, max=1.0)
-        else:
-            shrink = pipe.safe_shrink(bad, length).clamp(max=0.5)
+        shrink = _shrink(pipe, bad, length, step)
         rows.scale(idx, shrink, pipe.work)
     raise AssertionError("max-norm projection: settling did not converge")  # unreachable
+
+
+def _shrink(pipe: Pipeline, checked: Tensor, length: int, step: int) -> Tensor:
+    """Settling step `step` for slices whose check reads `checked` above the bound:
+    a growing number of ulps under `hi / checked`, then once the provably sufficient
+    factor, then (never needed where the bound's premises hold) halving."""
+    hi = pipe.bounds.hi
+    if step < _SETTLE_STEPS:
+        return ((hi / checked) * (1 - 4 * pipe.u_work * 2.0**step)).clamp(min=0.5, max=1.0)
+    if step == _SETTLE_STEPS:
+        return pipe.safe_shrink(checked, length)
+    return torch.full_like(checked, 0.5)
 
 
 def _lift_cpu(pipe: Pipeline, rows: _Gathered, under: Tensor, same: bool, wide: bool) -> None:
@@ -446,12 +468,13 @@ def _lift_cpu(pipe: Pipeline, rows: _Gathered, under: Tensor, same: bool, wide: 
     if not pipe.judges(length):
         return  # the scaled-up rows aimed at lo by float64 norms; no same-dtype judge here
     check = user_check(rows.store, pipe.p, (1,)).to(torch.float64)
-    low = under & (check < b.accept_lo) & (check > 0)
+    accept = pipe.accept(length)
+    low = under & (check < accept) & (check > 0)
     if not bool(low.any()):
         return
     idx = low.nonzero().squeeze(1)
     work = rows.work.index_select(0, idx)
-    grow = (b.accept_lo / check.index_select(0, idx)) * (1 + 8 * pipe.u_work)
+    grow = (accept / check.index_select(0, idx)) * (1 + 8 * pipe.u_work)
     _scale_rows_(work, grow, pipe.work)
     stored = work.to(rows.store.dtype)
     ok = ~(_upper(pipe, stored, True, wide) > b.hi)
@@ -491,7 +514,7 @@ def _cpu_decide(
     if bool(suspect.any()):
         idx = suspect.nonzero().squeeze(1)
         decision[idx] = num.rescaled_norms(gather(idx), pipe.p)
-    return (decision, *pipe.classify(decision, skip))
+    return (decision, *pipe.classify(decision, skip, length))
 
 
 def cpu_rows(
@@ -636,24 +659,27 @@ def cpu_generic(
     _cpu_scale(pipe, buf, *sub, prove=False)
     write(idx, buf)
     same, _ = pipe.verifies(length, 0.0, prove=False)
-    if not same:
+    lift = pipe.bounds.lo > 0 and pipe.rate_one and pipe.judges(length)
+    if not (same or lift):
         return
     # The check on this layout may round differently from the gathered copy: verify on
-    # the layout itself and settle the slices that fail there.
-    hi = pipe.bounds.hi
+    # the layout itself; shrink the slices that fail there and, with a lower bound, push
+    # up the ones it reads below the acceptance bound (the upper bound wins in the end).
+    hi, accept = pipe.bounds.hi, pipe.accept(length)
     for step in range(_SETTLE_STEPS + 64):
         now = layout_check().index_select(0, idx).to(torch.float64)
-        fail = (now > hi).nonzero().squeeze(1)
-        if fail.numel() == 0:
+        high = now > hi
+        low = (now < accept) & (now > 0) & ~high if lift and step < _SETTLE_STEPS else None
+        if not bool(high.any()) and (low is None or not bool(low.any())):
             return
-        bad = idx.index_select(0, fail)
+        change = torch.where(high, _shrink(pipe, now, length, step), torch.ones_like(now))
+        if low is not None:
+            change = torch.where(low, (accept / now) * (1 + 4 * pipe.u_work), change)
+            high = high | low
+        pick = high.nonzero().squeeze(1)
+        bad = idx.index_select(0, pick)
         rows = _Gathered(gather(bad).contiguous())
-        upper = now.index_select(0, fail)
-        if step < _SETTLE_STEPS:
-            shrink = ((hi / upper) * (1 - 4 * pipe.u_work * 2.0**step)).clamp(min=0.5, max=1.0)
-        else:
-            shrink = pipe.safe_shrink(upper, length).clamp(max=0.5)
-        rows.scale(None, shrink, pipe.work)
+        rows.scale(None, change.index_select(0, pick), pipe.work)
         write(bad, rows.store)
     raise AssertionError("max-norm projection: settling did not converge")  # unreachable
 
@@ -728,7 +754,7 @@ def sync_free_rows(
     check = user_check(rows, pipe.p, (1,))
     accurate, eps = _accurate_all(pipe, rows)
     decision = torch.where(pipe.suspects(check, length), accurate, check.to(torch.float64))
-    over, under, nonfinite, selected = pipe.classify(decision, skip)
+    over, under, nonfinite, selected = pipe.classify(decision, skip, length)
     if check_nonfinite and bool(nonfinite.any()):  # a sync, as error_if_nonfinite asks
         raise nonfinite_error(name)
     if stats is not None:
@@ -763,7 +789,7 @@ def sync_free_rows(
         if lift:
             assert now is not None
             grow = pipe.safe_grow(now, length)
-            low = selected & ~fail & (now > 0) & (now < pipe.bounds.accept_lo) & (grow > 1)
+            low = selected & ~fail & (now > 0) & (now < pipe.accept(length)) & (grow > 1)
             change = torch.where(low, grow, change)
             fail = fail | low
         where_scale_(rows, fail, change, pipe)

@@ -130,26 +130,19 @@ class Bounds(NamedTuple):
     Args:
         hi: the upper bound (`inf` when unbounded above).
         lo: `min_norm`.
-        accept_lo: slices with `0 < n < accept_lo` are scaled up; `min(lo, hi (1 - tau))`
-            with `tau = max(1e-5, 2 eps)`, so that a narrow `[lo, hi]` band (unit norm)
-            is not chased below the dtype's resolution.
         rate: the Keras `MinMaxNorm` rate.
         p: the norm type.
     """
 
     hi: float
     lo: float
-    accept_lo: float
     rate: float
     p: float
 
 
 def make_bounds(options: MaxNormOptions, dtype: torch.dtype) -> Bounds:
-    hi = options.upper
-    lo = options.min_norm
-    tau = max(1e-5, 4 * unit_roundoff(dtype))
-    accept_lo = min(lo, hi * (1 - tau)) if lo > 0 else 0.0
-    return Bounds(hi, lo, accept_lo, options.rate, options.norm_type)
+    del dtype
+    return Bounds(options.upper, options.min_norm, options.rate, options.norm_type)
 
 
 def low_zone(length: int, p: float, acc: torch.dtype) -> float:
@@ -298,7 +291,7 @@ def targets(
     norms: Tensor, over: Tensor, under: Tensor, b: Bounds, margin_hi: float, margin_lo: float
 ) -> Tensor:
     """Per-slice target norms in float64: slices over the bound aim at
-    `hi (1 - margin_hi)`, slices under `accept_lo` at `lo (1 + margin_lo)` but never
+    `hi (1 - margin_hi)`, slices under the acceptance bound at `lo (1 + margin_lo)` but never
     above `hi (1 - margin_hi)`; `rate` moves only that share of the way. Other slices
     get their own norm (factor 1)."""
     top = b.hi * (1.0 - margin_hi)

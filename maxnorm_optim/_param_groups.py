@@ -419,8 +419,9 @@ def max_norm_param_groups(
         ...                             "classifier": {"max_norm": 0.25}})
         >>> [(g["max_norm"], [tuple(p.shape) for p in g["params"]]) for g in groups]
         [(1.0, [(16, 1, 4, 1)]), (0.25, [(3, 512)]), (None, [(8, 1, 1, 33), (3,)])]
+        >>> from torch.optim import Adam
         >>> from maxnorm_optim import MaxNormWrapper
-        >>> opt = MaxNormWrapper(torch.optim.Adam(groups, lr=1e-3))
+        >>> opt = MaxNormWrapper(Adam(groups, lr=1e-3))
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"{_WHERE}: module must be an nn.Module, but got {type(module).__name__}")

@@ -195,8 +195,10 @@ def max_norm_(
     )
     if options.max_norm is None:
         raise TypeError("max_norm_: max_norm must be a real number, but got None")
+    compiling = torch.compiler.is_compiling()
     try:
-        key = None if any(map(is_dtensor, items)) else plan_key(items, options.norm_dim)
+        dense = not compiling and not any(map(is_dtensor, items))
+        key = plan_key(items, options.norm_dim) if dense else None
     except (AttributeError, RuntimeError, TypeError):
         key = None  # not all dense tensors: the checks below say which
     plan = _PLANS.get(key) if key is not None else None
@@ -206,7 +208,7 @@ def max_norm_(
             check_tensor(t, f"max_norm_: tensor {i}")
         items = _distinct(items)
         plan = make_plan(items, options.norm_dim)  # raises if norm_dim does not fit
-        if key is not None and not torch.compiler.is_compiling():
+        if key is not None:
             _PLANS.put(key, plan, items)
     if options.error_if_nonfinite:
         raise_if_nonfinite(plan, options)

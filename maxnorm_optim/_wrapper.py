@@ -491,6 +491,11 @@ class MaxNormWrapper(Optimizer):
 
     @torch.no_grad()
     def _project(self, only_with_grad: bool, skip: Tensor | None) -> None:
+        # A named range in torch.profiler traces: "maxnorm_optim.project".
+        with torch.autograd.profiler.record_function("maxnorm_optim.project"):
+            self._project_groups(only_with_grad, skip)
+
+    def _project_groups(self, only_with_grad: bool, skip: Tensor | None) -> None:
         work: list[Any] = []
         self._full: dict[int, tuple[Any, ...] | None] = {}
         for i, (group, checked) in enumerate(self._groups):
