@@ -1,33 +1,63 @@
-"""``python -m benchmarks``: time the max-norm projection against its baselines."""
+"""``python -m benchmarks``: time the max-norm projection against what a user would run
+instead (see ``benchmarks/run.py`` for the method)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from .models import DENSE_FAMILIES
-from .report import format_report, write_chart, write_json
-from .run import Settings, run_all
+from .report import format_report, write_json, write_plots
+from .run import SECTIONS, run_all
+from .timing import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
-    parser.add_argument("--quick", action="store_true", help="small sizes, < 1 minute")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes, short timers (a smoke run)"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    parser.add_argument("--min-run-time", type=float, default=None, help="seconds per Timer")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved repeats")
+    parser.add_argument(
+        "--min-run-time", type=float, default=None, help="seconds per Timer measurement"
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        help="which parts to run (default: all)",
+    )
     parser.add_argument(
         "--families",
         nargs="+",
-        choices=[*DENSE_FAMILIES, "embedding_sparse"],
+        choices=DENSE_FAMILIES,
+        default=list(DENSE_FAMILIES),
+        help="dense model families of the 'families' section (default: all)",
+    )
+    parser.add_argument(
+        "--compile",
+        choices=["all", "first", "none"],
         default=None,
-        help="run only these (the targets table needs all)",
+        help="where the torch.compile peer runs: every cell, only the first list "
+        "benchmarked, or nowhere (default: all; quick: first)",
+    )
+    parser.add_argument(
+        "--compile-max-tensors",
+        type=int,
+        default=1000,
+        help="skip the torch.compile peer for lists longer than this (its compile time "
+        "grows with the list: about 80 s for 1000 tensors on a 2-core CPU)",
     )
     parser.add_argument(
         "--clock",
@@ -49,24 +79,36 @@ def main(argv: list[str] | None = None) -> int:
         device=device,
         quick=args.quick,
         threads=args.threads,
-        min_run_time=args.min_run_time or (0.02 if args.quick else 0.3),
-        rounds=args.rounds or (1 if args.quick else 5),
+        min_run_time=args.min_run_time or (0.01 if args.quick else 0.15),
+        rounds=args.rounds or (3 if args.quick else 5),
         clock=clock,
+        compile=args.compile or ("first" if args.quick else "all"),
+        compile_max_tensors=args.compile_max_tensors,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
+    # Compile times are those of a cold compile: a fresh inductor / Triton cache for
+    # this run, unless the caller chose a cache directory.
+    cache = None
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        cache = tempfile.mkdtemp(prefix="maxnorm-bench-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
     start = time.perf_counter()
-    results = run_all(settings, args.families)
+    try:
+        results = run_all(settings, args.sections, args.families)
+    finally:
+        if cache is not None:
+            shutil.rmtree(cache, ignore_errors=True)
+    results["machine"]["compile_cache"] = "fresh per run" if cache else "caller's"
     results["machine"]["wall_s"] = round(time.perf_counter() - start, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(results, args.out / "results.json")
-    write_chart(results, args.out / "results.png")
+    plots = write_plots(results, args.out)
     report = format_report(results)
     (args.out / "results.txt").write_text(report + "\n")
     print(report)
-    print(
-        f"\nwrote {args.out / 'results.json'}, {args.out / 'results.png'}, "
-        f"{args.out / 'results.txt'} in {results['machine']['wall_s']} s"
-    )
+    written = [args.out / "results.json", args.out / "results.txt", *plots]
+    print(f"\nwrote {', '.join(map(str, written))} in {results['machine']['wall_s']} s")
     return 0
 
 
