@@ -105,7 +105,21 @@ def _header(results: dict[str, Any]) -> list[str]:
         " over the list (compile time excluded, shown apart); max_norm_ = max_norm_(weights,"
         " c); wrapper = opt.project() on a MaxNormWrapper(SGD) built once. Best peer: the"
         " fastest of renorm_, snippet, compiled in the cell (by median).",
+        *_compile_header(m),
         "",
+    ]
+
+
+def _compile_header(m: dict[str, Any]) -> list[str]:
+    if m.get("compile_startup_s") is None:
+        return []
+    cache = m.get("compile_cache", {})
+    return [
+        f"torch.compile: start-up {m['compile_startup_s']:.2f} s (one compile of a 4x4 tensor"
+        " first, charged to no cell); each cell's compile time is its first call, with "
+        f"FX graph cache {cache.get('TORCHINDUCTOR_FX_GRAPH_CACHE', '?')}, AOTAutograd cache "
+        f"{cache.get('TORCHINDUCTOR_AUTOGRAD_CACHE', '?')}, cache dir: "
+        f"{cache.get('cache_dir', '?')}."
     ]
 
 

@@ -12,10 +12,13 @@ per-round statistics and peak extra memory.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import statistics
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +46,7 @@ class Settings:
     rounds: int
     clock: str = "wall"  # "wall" (perf_counter) or "cpu" (process CPU time)
     compile: str = "all"  # "all", "first" (the first cell only) or "none"
-    compile_max_tensors: int = 1000
+    compile_max_tensors: int = 3000
     log: Callable[[str], None] = print
 
 
@@ -101,6 +104,20 @@ def spread(values: Sequence[float | None]) -> dict[str, Any] | None:
     }
 
 
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """Discard what native code writes to fd 2 (the profiler logs every start and stop)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
     """High-water mark of bytes allocated (net of frees) on ``device`` during ``fn()``.
 
@@ -119,7 +136,10 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with (
+        _stderr_silenced(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         fn()
     events: list[tuple[int, int]] = []
 
