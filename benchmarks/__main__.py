@@ -4,12 +4,14 @@ instead (see ``benchmarks/run.py`` for the method)."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -67,7 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         help="what the Timer reads: wall clock, or process CPU time (auto: cpu on a CPU "
         "device with one thread, which ignores time other processes take; else wall)",
     )
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        metavar="RESULTS_JSON",
+        help="run nothing: rewrite results.txt and the PNGs in --out from a saved results.json",
+    )
     args = parser.parse_args(argv)
+    if args.from_json is not None:
+        results = json.loads(args.from_json.read_text())
+        write_outputs(results, args.out, json_too=False)
+        return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
@@ -113,15 +126,22 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     results["machine"]["wall_s"] = round(time.perf_counter() - start, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(results, args.out / "results.json")
-    plots = write_plots(results, args.out)
-    report = format_report(results)
-    (args.out / "results.txt").write_text(report + "\n")
-    print(report)
-    written = [args.out / "results.json", args.out / "results.txt", *plots]
-    print(f"\nwrote {', '.join(map(str, written))} in {results['machine']['wall_s']} s")
+    write_outputs(results, args.out)
     return 0
+
+
+def write_outputs(results: dict[str, Any], out: Path, json_too: bool = True) -> None:
+    """``results.json`` (unless ``json_too`` is false), ``results.txt`` and the PNGs."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if json_too:
+        write_json(results, out / "results.json")
+        written.append(out / "results.json")
+    report = format_report(results)
+    (out / "results.txt").write_text(report + "\n")
+    written += [out / "results.txt", *write_plots(results, out)]
+    print(report)
+    print(f"\nwrote {', '.join(map(str, written))} (run: {results['machine']['wall_s']} s)")
 
 
 if __name__ == "__main__":

@@ -312,17 +312,21 @@ def _plot_families(results: dict[str, Any], path: Path, plt: Any) -> None:
         ax.set_ylabel("time / read floor")
         floor = cases[0]["time_ms"]["floor"]
         floor_ms = f", floor {floor['median']:.3g} ms" if floor else ""
-        ax.set_title(f"{name} ({fam['num_weights']} w, {_bytes(fam['weight_bytes'])}{floor_ms})",
-                     fontsize=9)  # fmt: skip
-        ax.legend(fontsize=7, ncol=2)
+        count = fam["num_weights"]
+        ax.set_title(
+            f"{name} ({count} weight{'s' * (count > 1)}, {_bytes(fam['weight_bytes'])}{floor_ms})",
+            fontsize=9,
+        )
     for extra in flat[len(fams) :]:
         extra.axis("off")
+    handles, labels = flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.suptitle(
         "projection time / one read of the weights (median over rounds, bars: min-max)\n"
         + _title(results),
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -82,3 +82,15 @@ def test_quick_run_writes_json_tables_and_plots(tmp_path: Path) -> None:
     for name in PLOTS:
         png = tmp_path / name
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+    # The tables and plots can be rewritten from the JSON alone.
+    again = tmp_path / "again"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--from-json", str(tmp_path / "results.json"),
+         "--out", str(again)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (again / "results.txt").read_text() == text
+    assert all((again / name).exists() for name in PLOTS)
+    assert not (again / "results.json").exists()
