@@ -1,5 +1,6 @@
-"""Benchmark harness for ``maxnorm_optim`` (GitHub issue 4).
+"""Benchmark harness for ``maxnorm_optim``: the projection against what a user would
+run instead (``renorm_``, the corrected forum snippet eager and compiled, the read
+floor), scaling sweeps, the sparse embedding step and full training steps.
 
-Run ``python -m benchmarks`` (``--quick`` for the < 1 minute smoke run); see
-``docs/performance.md`` for the method and the committed results.
+Run ``python -m benchmarks`` (``--quick`` for the smoke run, ``--help`` for options).
 """

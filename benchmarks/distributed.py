@@ -15,7 +15,8 @@ DTensors on a 1-d mesh, in four layouts:
 Before every timed call the weights are scaled by 1.05 (untimed) so that slices exceed
 the bound and get written. Reported: median wall time of one projection (the slowest
 rank), collectives per projection (``CommDebugMode``) and the all-reduce payload per
-rank (the partial norms this library sends; not computed for the per-param comparison).
+rank (the partial norms a slice-wise projection has to send: one float32 per slice of
+each weight whose norm spans a shard; not computed for the per-param comparison).
 
 Usage::
 
@@ -45,6 +46,12 @@ def _old_project(tensors: list[Any], c: float, dims: tuple[int, ...]) -> None:
         t.mul_(factors)
 
 
+def _spans_shard(t: Any, norm_dim: Any) -> bool:
+    """Whether a slice norm of DTensor ``t`` runs over a sharded dim (needs a reduction)."""
+    dims = set(range(1, t.dim())) if norm_dim == "per_unit" else {norm_dim % t.dim()}
+    return any(p.is_shard() and p.dim in dims for p in t.placements)
+
+
 def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: Any) -> None:
     torch.set_num_threads(1)
     if os.path.exists("/sys/class/net/lo"):  # gloo on loopback only (rendezvous: a file)
@@ -61,7 +68,6 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: An
     from torch.distributed.tensor.debug import CommDebugMode
 
     from maxnorm_optim import max_norm_
-    from maxnorm_optim.distributed import reduced_mesh_dims
 
     mesh = init_device_mesh("cpu", (world,))
     d, layers = args.width, args.layers
@@ -96,7 +102,7 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: An
         payload: int | str = "n/a"  # the old path's traffic is whatever DTensor dispatch does
         for t in [] if old else tensors:
             payload = payload if isinstance(payload, int) else 0
-            if reduced_mesh_dims(t, norm_dim):
+            if _spans_shard(t, norm_dim):
                 dims = (1,) if norm_dim == "per_unit" else (norm_dim,)
                 payload += t.to_local().numel() // t.to_local().shape[dims[0]] * 4
         times = []

@@ -1,57 +1,68 @@
-"""Timing and memory measurements (``torch.utils.benchmark`` and ``torch.profiler``).
+"""The benchmark sections: dense cells against peers, scaling sweeps, the sparse
+embedding step and full training steps.
 
-Method (see ``docs/performance.md``):
-
-* every time is the median of a ``Timer.blocked_autorange`` measurement; each
-  measurement is repeated ``rounds`` times, interleaved with the others of its case,
-  and the smallest of those medians is kept (other processes only ever slow a run down);
-* the projections work in place, so each timed statement starts with ``rearm()``,
-  which writes back the saved out-of-bound rows (one ``index_copy_`` per slice length);
-  ``rearm()`` alone is timed in the same round and subtracted. Baselines that change
-  weights are timed the same way, so every ratio compares like with like;
-* peak extra memory is the high-water mark of the running sum of the allocations and
-  frees that ``torch.profiler`` (``profile_memory=True``) records during one call.
+Dense cells (one list of weights, one share of slices over the bound): the
+projections work in place, so every timed statement but the floor starts with
+``rearm()``, which writes the saved out-of-bound rows back (one ``index_copy_`` per
+slice length); ``rearm()`` alone is timed in the same rounds and subtracted, round by
+round. Every method is first run once from the armed state and checked (largest norm
+after, in-bound slices unchanged, over-bound slices at the bound), and ``rearm()`` is
+checked to restore the weights bitwise.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 import math
 import os
 import platform
-import statistics
 import subprocess
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-from torch.utils.benchmark import Timer
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from maxnorm_optim import MaxNormWrapper, max_norm_
-from maxnorm_optim.projection import make_plan, project_
-from maxnorm_optim.validation import GROUP_DEFAULTS, normalize_options
 
-from .baselines import naive_loop_, read_floors, renorm_loop_
-from .models import DENSE_FAMILIES, MAX_NORM, Family, build_dense, build_embedding
+from .models import (
+    DENSE_FAMILIES,
+    MAX_NORM,
+    TRAIN_MAX_NORM,
+    Family,
+    build_dense,
+    build_embedding_sparse,
+    build_family,
+    build_training_model,
+    sweep_sizes,
+)
+from .peers import (
+    DENSE_PEERS,
+    compile_snippet,
+    read_floor,
+    renorm_each_,
+    snippet_,
+    touched_rows_snippet_,
+)
+from .timing import Settings, diff, peak_extra_bytes, ratio, rounds_ms, spread
 
-__all__ = ["Settings", "machine_info", "run_all"]
+__all__ = ["FRACTIONS", "METHODS", "OURS", "SECTIONS", "Settings", "machine_info", "run_all"]
 
 FRACTIONS = (0.0, 0.01, 0.5)
-STEPS = ("SGD", "Adam", "Adam foreach", "Adam fused")
-
-
-@dataclass
-class Settings:
-    device: torch.device
-    quick: bool
-    threads: int
-    min_run_time: float
-    rounds: int
-    clock: str = "wall"  # "wall" (perf_counter) or "cpu" (process CPU time)
-    log: Callable[[str], None] = print
+SWEEP_FRACTION = 0.01
+SPARSE_FRACTIONS = (0.01, 0.5)
+TOUCHED_ROWS = 4096
+OURS = ("wrapper", "max_norm_")  # wrapper: opt.project() on a MaxNormWrapper built once
+METHODS = ("floor", *DENSE_PEERS, "max_norm_", "wrapper")
+SECTIONS = ("families", "scaling", "sparse", "training")
+TRAIN_LR = 1e-3
+# The sparse and training sections compare small differences between two step times:
+# they run this many times the rounds.
+STEP_ROUNDS_FACTOR = 3
+# Relative tolerance of the result checks (float32 norms).
+RTOL = 1e-5
 
 
 def machine_info(settings: Settings) -> dict[str, Any]:
@@ -74,7 +85,7 @@ def machine_info(settings: Settings) -> dict[str, Any]:
         ).stdout.strip()
     except OSError:
         commit = ""
-    info = {
+    info: dict[str, Any] = {
         "cpu": cpu,
         "logical_cpus": os.cpu_count(),
         "torch": torch.__version__,
@@ -86,6 +97,8 @@ def machine_info(settings: Settings) -> dict[str, Any]:
         "min_run_time_s": settings.min_run_time,
         "rounds": settings.rounds,
         "clock": settings.clock,
+        "compile": settings.compile,
+        "compile_max_tensors": settings.compile_max_tensors,
         "git_commit": commit,
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
@@ -94,481 +107,464 @@ def machine_info(settings: Settings) -> dict[str, Any]:
     return info
 
 
-# -- primitives --------------------------------------------------------------------------
-def _time(fn: Callable[[], object], settings: Settings) -> float:
-    """Median seconds per call of ``fn`` (``Timer`` synchronizes CUDA itself).
-
-    With ``clock="cpu"`` the Timer reads the process's CPU time instead of the wall
-    clock: on a shared machine, time spent descheduled by other processes is not
-    counted (only valid on CPU with one thread, which ``__main__`` enforces).
-    """
-    kwargs: dict[str, Any] = {"timer": time.process_time} if settings.clock == "cpu" else {}
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=settings.threads, **kwargs)
-    return timer.blocked_autorange(min_run_time=settings.min_run_time).median
+def _split(params: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Constrained weights (2-d and more) and the other parameters."""
+    return [p for p in params if p.dim() > 1], [p for p in params if p.dim() <= 1]
 
 
-def _time_all(
-    fns: dict[str, Callable[[], object]],
-    settings: Settings,
-    raw: dict[str, list[float]] | None = None,
-) -> dict[str, float]:
-    """Interleaved rounds; the smallest median of each statement (every round's median
-    goes to ``raw``, in ms, when given)."""
-    best = {k: math.inf for k in fns}
-    for _ in range(settings.rounds):
-        for key, fn in fns.items():
-            median = _time(fn, settings)
-            best[key] = min(best[key], median)
-            if raw is not None:
-                raw.setdefault(key, []).append(round(_ms(median), 4))
-    return best
+def _wrapper_groups(weights: list[Tensor], others: list[Tensor], c: float) -> list[dict[str, Any]]:
+    groups: list[dict[str, Any]] = [{"params": weights, "max_norm": c}]
+    if others:
+        groups.append({"params": others})
+    return groups
 
 
-def _paired(raw: dict[str, list[float]], num: str, den: str, base: str) -> tuple[float, float]:
-    """Median over rounds of ``(num - base)`` and of ``(num - base) / (den - base)``,
-    each round's times taken side by side (robust to slow spells that hit a whole round).
-    """
-    diffs = [max(n - b, 1e-6) for n, b in zip(raw[num], raw[base])]
-    ratios = [d / max(x - b, 1e-6) for d, x, b in zip(diffs, raw[den], raw[base])]
-    return statistics.median(diffs), statistics.median(ratios)
-
-
-def _fine(settings: Settings) -> Settings:
-    """Three times the rounds at a third of the run time: for paired ratios."""
-    return dataclasses.replace(
-        settings, rounds=3 * settings.rounds, min_run_time=settings.min_run_time / 3
-    )
-
-
-def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """High-water mark of bytes allocated (net of frees) on ``device`` during ``fn()``."""
-    from torch._C._profiler import _EventType
-
-    activities = [ProfilerActivity.CPU]
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities, profile_memory=True) as prof:
-        fn()
-    events: list[tuple[int, int]] = []
-
-    def walk(nodes: list[Any]) -> None:
-        for node in nodes:
-            if node.tag == _EventType.Allocation:
-                extra = node.extra_fields
-                if extra.device.type == device.type:
-                    events.append((node.start_time_ns, extra.alloc_size))
-            walk(node.children)
-
-    walk(prof.profiler.kineto_results.experimental_event_tree())
-    events.sort()
-    current = peak = 0
-    for _, size in events:
-        current += size
-        peak = max(peak, current)
-    return peak
+        torch.cuda.synchronize(device)
 
 
-def _optimizer(kind: str, params: list[Any]) -> torch.optim.Optimizer:
-    if kind == "SGD":
-        return torch.optim.SGD(params, lr=1e-6)
-    if kind == "Adam":
-        return torch.optim.Adam(params, lr=1e-6)
-    if kind == "Adam foreach":
-        return torch.optim.Adam(params, lr=1e-6, foreach=True)
-    if kind == "Adam fused":
-        return torch.optim.Adam(params, lr=1e-6, fused=True)
-    raise ValueError(kind)
+def _loglog_slope(xs: Sequence[float], ys: Sequence[float | None]) -> float | None:
+    """Least-squares slope of log(y) against log(x) over the resolved points."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if y is not None and y > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx else None
 
 
-def _groups(fam: Family) -> list[dict[str, Any]]:
-    return [{"params": fam.weights, "max_norm": MAX_NORM}, {"params": fam.others}]
+def _median(s: dict[str, Any] | None) -> float | None:
+    return None if s is None else s["median"]
 
 
-def _ms(seconds: float) -> float:
-    return seconds * 1e3
+class Bench:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.compiles = 0  # compiled peers built so far (for --compile first)
+        self.compile_startup_s: float | None = None
 
-
-def _diff(total: float, rearm: float) -> float:
-    # A difference at the noise floor is reported as such, never as a negative time.
-    return max(total - rearm, 1e-9)
-
-
-# -- dense families ------------------------------------------------------------------------
-def bench_steps(fam: Family, settings: Settings) -> dict[str, float]:
-    fns = {}
-    for kind in STEPS:
-        opt = _optimizer(kind, fam.params)
-        opt.step()  # creates the state
-        fns[kind] = opt.step
-    times = _time_all(fns, settings)
-    return {k: _ms(v) for k, v in times.items()}
-
-
-def _check_projection(fam: Family) -> int:
-    """Run ``max_norm_`` once from the armed state, check it; return the slices it fixed."""
-    before = [b.clone() for b in fam.buffers]
-    fam.rearm()
-    max_norm_(fam.weights, MAX_NORM)
-    worst = max(float(torch.linalg.vector_norm(b, dim=1).max()) for b in fam.buffers)
-    if worst > MAX_NORM:
-        raise AssertionError(f"{fam.name}: a norm {worst} exceeds the bound after max_norm_")
-    fixed = sum(int((b != a).any(dim=1).sum()) for a, b in zip(before, fam.buffers))
-    fam.rearm()
-    if not all(torch.equal(a, b) for a, b in zip(before, fam.buffers)):
-        raise AssertionError(f"{fam.name}: rearm() does not restore the weights")
-    return fixed
-
-
-def bench_dense_case(
-    fam: Family, fraction: float, steps: dict[str, float], settings: Settings
-) -> dict[str, Any]:
-    fam.set_fraction(fraction)
-    ws = fam.weights
-    fixed = _check_projection(fam)
-
-    # What MaxNormWrapper runs after each step: the projection with its cached plan
-    # (max_norm_ builds the plan on every call; its peak memory is measured below).
-    options = normalize_options("benchmark", {**GROUP_DEFAULTS, "max_norm": MAX_NORM})
-    plan = make_plan(ws, options["norm_dim"])
-
-    def ours() -> None:
-        fam.rearm()
-        project_(ws, options, plan=plan)
-
-    def naive() -> None:
-        fam.rearm()
-        naive_loop_(ws, MAX_NORM)
-
-    def renorm() -> None:
-        fam.rearm()
-        renorm_loop_(ws, MAX_NORM)
-
-    floors = read_floors(ws)
-    fns: dict[str, Callable[[], object]] = {
-        "rearm": fam.rearm,
-        "ours": ours,
-        "naive": naive,
-        "renorm": renorm,
-    }
-    fns.update({f"floor:{k}": f for k, f in floors.items()})
-    if fraction > 0:
-        # The same reads right after a re-arm: the cache state the projection sees.
-        for k, f in floors.items():
-            fns[f"rearm+floor:{k}"] = lambda f=f: (fam.rearm(), f())
-    raw: dict[str, list[float]] = {}
-    t = _time_all(fns, settings, raw)
-    fam.rearm()
-    peak = peak_extra_bytes(lambda: max_norm_(ws, MAX_NORM), settings.device)
-    fam.rearm()
-    ours_ms = _ms(_diff(t["ours"], t["rearm"]))
-    row: dict[str, Any] = {
-        "fraction": fraction,
-        "slices_over": int(sum(i.numel() for i in fam.over)),
-        "slices_projected": fixed,
-        "rearm_ms": _ms(t["rearm"]),
-        "ours_ms": ours_ms,
-        "floor_ms_this_case": {k: _ms(t[f"floor:{k}"]) for k in floors},
-        "floor_after_rearm_ms": min(
-            _ms(_diff(t.get(f"rearm+floor:{k}", t["rearm"] + t[f"floor:{k}"]), t["rearm"]))
-            for k in floors
-        ),
-        "naive_ms": _ms(_diff(t["naive"], t["rearm"])),
-        "renorm_ms": _ms(_diff(t["renorm"], t["rearm"])),
-        "peak_extra_bytes": peak,
-        "raw_round_medians_ms": raw,
-    }
-    row["naive_vs_ours"] = row["naive_ms"] / ours_ms
-    row["renorm_vs_ours"] = row["renorm_ms"] / ours_ms
-    row["ours_vs_step"] = {k: ours_ms / v for k, v in steps.items()}
-    row["peak_extra_vs_weights"] = peak / fam.weight_bytes
-    row["peak_extra_per_slice"] = peak / fam.slices
-    settings.log(
-        f"  {fam.name} {fraction:>5.0%}: ours {ours_ms:.3f} ms, naive {row['naive_ms']:.3f} ms,"
-        f" renorm {row['renorm_ms']:.3f} ms, read floors "
-        + ", ".join(f"{k} {v:.3f}" for k, v in row["floor_ms_this_case"].items())
-    )
-    return row
-
-
-def bench_dense(name: str, settings: Settings) -> dict[str, Any]:
-    fam = build_dense(name, settings.device, settings.quick)
-    steps = bench_steps(fam, settings)
-    settings.log(f"  {name} steps (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in steps.items()))
-    cases = [bench_dense_case(fam, f, steps, settings) for f in FRACTIONS]
-    # The read floor does not depend on the fraction: every case measured it, so the
-    # family's floor is the fastest candidate over all cases (more samples, less noise).
-    floor_ms, floor_method = min(
-        (ms, k) for c in cases for k, ms in c["floor_ms_this_case"].items()
-    )
-    for c in cases:
-        c["ours_vs_floor"] = c["ours_ms"] / floor_ms
-        c["ours_vs_floor_after_rearm"] = c["ours_ms"] / c["floor_after_rearm_ms"]
-    return {
-        "kind": "dense",
-        "weight_shapes": [list(w.shape) for w in fam.weights],
-        "num_weights": len(fam.weights),
-        "slices": fam.slices,
-        "weight_bytes": fam.weight_bytes,
-        "steps_ms": steps,
-        "floor_ms": floor_ms,
-        "floor_method": floor_method,
-        "cases": cases,
-    }
-
-
-# -- wrapper overhead and track_stats ----------------------------------------------------
-def bench_wrapper(name: str, settings: Settings, fraction: float = 0.01) -> dict[str, Any]:
-    """(4) wrapper step vs bare step + ``max_norm_``; (6) ``track_stats`` on vs off."""
-    fam = build_dense(name, settings.device, settings.quick)
-    fam.set_fraction(fraction)
-    bare = torch.optim.Adam(fam.params, lr=1e-6, fused=True)
-    wrapped = MaxNormWrapper(torch.optim.Adam(_groups(fam), lr=1e-6, fused=True))
-    tracked = MaxNormWrapper(torch.optim.Adam(_groups(fam), lr=1e-6, fused=True), track_stats=True)
-    for opt in (bare, wrapped, tracked):
-        opt.step()
-        fam.rearm()
-
-    def bare_plus_project() -> None:
-        fam.rearm()
-        bare.step()
-        max_norm_(fam.weights, MAX_NORM)
-
-    def bare_only() -> None:
-        fam.rearm()
-        bare.step()
-
-    def wrapper_step() -> None:
-        fam.rearm()
-        wrapped.step()
-
-    def tracked_step() -> None:
-        fam.rearm()
-        tracked.step()
-
-    raw: dict[str, list[float]] = {}
-    t = _time_all(
-        {
-            "rearm": fam.rearm,
-            "bare": bare_only,
-            "bare+max_norm_": bare_plus_project,
-            "wrapper": wrapper_step,
-            "wrapper track_stats": tracked_step,
-        },
-        _fine(settings),
-        raw,
-    )
-    stats = tracked.constraint_stats()[0]
-    r = t["rearm"]
-    out = {
-        "family": name,
-        "fraction": fraction,
-        "base": "Adam fused",
-        "rearm_ms": _ms(r),
-        "bare_step_ms": _ms(_diff(t["bare"], r)),
-        "bare_plus_max_norm_ms": _ms(_diff(t["bare+max_norm_"], r)),
-        "wrapper_step_ms": _ms(_diff(t["wrapper"], r)),
-        "wrapper_track_stats_step_ms": _ms(_diff(t["wrapper track_stats"], r)),
-        "stats_projected_last_step": int(stats["projected"]) if stats else None,
-        "raw_round_medians_ms": raw,
-    }
-    # Primary: median of the per-round ratios; also the ratio of the best times.
-    out["wrapper_vs_bare_plus_max_norm"] = _paired(raw, "wrapper", "bare+max_norm_", "rearm")[1]
-    out["track_stats_vs_off"] = _paired(raw, "wrapper track_stats", "wrapper", "rearm")[1]
-    out["wrapper_vs_bare_plus_max_norm_best"] = (
-        out["wrapper_step_ms"] / out["bare_plus_max_norm_ms"]
-    )
-    out["track_stats_vs_off_best"] = out["wrapper_track_stats_step_ms"] / out["wrapper_step_ms"]
-    settings.log(
-        f"  wrapper {name}: wrapper/(bare+max_norm_) {out['wrapper_vs_bare_plus_max_norm']:.3f},"
-        f" track_stats on/off {out['track_stats_vs_off']:.3f}"
-    )
-    return out
-
-
-# -- sparse embedding ------------------------------------------------------------------------
-def bench_sparse(settings: Settings, touched: int = 4096) -> dict[str, Any]:
-    """(3) projection after a SparseAdam step on Embedding(1e6, 64) with 4096 touched rows."""
-    w, grad = build_embedding(settings.device, settings.quick, touched)
-    idx = grad.indices()[0]
-    w.grad = grad
-    bare = torch.optim.SparseAdam([w], lr=1e-3)
-    wrapped = MaxNormWrapper(torch.optim.SparseAdam([w], lr=1e-3), max_norm=MAX_NORM)
-    cases = []
-    for fraction in (0.01, 0.5):
-        gen = torch.Generator().manual_seed(1)
-        over = torch.zeros(touched, dtype=torch.bool)
-        over[torch.randperm(touched, generator=gen)[: round(fraction * touched)]] = True
-        with torch.no_grad():
-            rows = w.index_select(0, idx)
-            scale = torch.where(over, 1.5, 0.5).to(w.device) * MAX_NORM
-            rows.mul_((scale / rows.norm(dim=1)).unsqueeze(1))
-            w.index_copy_(0, idx, rows)
-        saved = rows.clone()
-
-        def rearm(saved: torch.Tensor = saved) -> None:
-            with torch.no_grad():
-                w.index_copy_(0, idx, saved)
-
-        rearm()
-        bare.step()
-        projected = int((w.detach().index_select(0, idx).norm(dim=1) > MAX_NORM).sum())
-        rearm()
-        wrapped.step()  # the wrapper's first step projects the whole table
-        worst = float(w.detach().index_select(0, idx).norm(dim=1).max())
-        if worst > MAX_NORM:
-            raise AssertionError(f"embedding_sparse: norm {worst} > bound after wrapper step")
-
-        def bare_step(rearm: Callable[[], None] = rearm) -> None:
-            rearm()
-            bare.step()
-
-        def wrapper_step(rearm: Callable[[], None] = rearm) -> None:
-            rearm()
-            wrapped.step()
-
-        def full_table(rearm: Callable[[], None] = rearm) -> None:
-            rearm()
-            max_norm_(w, MAX_NORM)
-
-        def full_naive(rearm: Callable[[], None] = rearm) -> None:
-            rearm()
-            naive_loop_([w], MAX_NORM)
-
-        raw: dict[str, list[float]] = {}
-        t = _time_all(
-            {
-                "rearm": rearm,
-                "bare": bare_step,
-                "wrapper": wrapper_step,
-                "full": full_table,
-                "naive": full_naive,
-            },
-            _fine(settings),
-            raw,
-        )
-        r = t["rearm"]
-        rearm()
-        peak_bare = peak_extra_bytes(bare.step, settings.device)
-        rearm()
-        peak_wrapped = peak_extra_bytes(wrapped.step, settings.device)
-        rearm()
-        step_ms = _ms(_diff(t["bare"], r))
-        # The projection is a small difference of two step times: take it, and its
-        # ratio to the step, per round (side by side), then the median over rounds.
-        proj_ms = statistics.median(max(a - b, 0.0) for a, b in zip(raw["wrapper"], raw["bare"]))
-        proj_ratio = statistics.median(
-            max(a - b, 0.0) / max(b - r, 1e-6)
-            for a, b, r in zip(raw["wrapper"], raw["bare"], raw["rearm"])
-        )
-        case = {
-            "fraction": fraction,
-            "touched_rows": touched,
-            "rows_over_after_step": projected,
-            "rearm_ms": _ms(r),
-            "sparse_adam_step_ms": step_ms,
-            "wrapper_step_ms": _ms(_diff(t["wrapper"], r)),
-            "wrapper_projection_ms": proj_ms,
-            "wrapper_projection_vs_step": proj_ratio,
-            "wrapper_projection_best_ms": _ms(_diff(t["wrapper"], t["bare"])),
-            "full_table_max_norm_ms": _ms(_diff(t["full"], r)),
-            "full_table_naive_ms": _ms(_diff(t["naive"], r)),
-            "peak_extra_bytes_bare_step": peak_bare,
-            "peak_extra_bytes_wrapper_step": peak_wrapped,
-            "raw_round_medians_ms": raw,
-        }
-        case["full_table_vs_step"] = case["full_table_max_norm_ms"] / step_ms
-        case["full_naive_vs_step"] = case["full_table_naive_ms"] / step_ms
-        settings.log(
-            f"  embedding_sparse {fraction:>5.0%}: SparseAdam {step_ms:.3f} ms, wrapper "
-            f"projection {proj_ms:.3f} ms ({case['wrapper_projection_vs_step']:.3f}x), full "
-            f"table {case['full_table_max_norm_ms']:.3f} ms"
-        )
-        cases.append(case)
-    return {
-        "kind": "sparse",
-        "weight_shapes": [list(w.shape)],
-        "num_weights": 1,
-        "slices": w.shape[0],
-        "weight_bytes": w.numel() * w.element_size(),
-        "cases": cases,
-    }
-
-
-# -- targets -------------------------------------------------------------------------------
-def _case(family: dict[str, Any], fraction: float) -> dict[str, Any]:
-    return next(c for c in family["cases"] if c["fraction"] == fraction)
-
-
-def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    fams = results["families"]
-    big = fams["big_linear"]
-    small = fams["many_small"]
-    sparse = fams["embedding_sparse"]
-    wrap = results["wrapper"]
-    targets = [
-        (
-            "(1) big_linear, 1% over: projection / read floor",
-            _case(big, 0.01)["ours_vs_floor"],
-            "<=",
-            1.3,
-        ),
-        (
-            "(1) big_linear, 50% over: projection / read floor",
-            _case(big, 0.5)["ours_vs_floor"],
-            "<=",
-            2.5,
-        ),
-        (
-            "(2) many_small, 1% over: naive loop / projection",
-            _case(small, 0.01)["naive_vs_ours"],
-            ">=",
-            5.0,
-        ),
-        (
-            "(3) embedding_sparse, 1% over: wrapper projection / SparseAdam step",
-            _case(sparse, 0.01)["wrapper_projection_vs_step"],
-            "<=",
-            0.25,
-        ),
-        (
-            "(4) mlp: wrapper step / (bare step + max_norm_)",
-            wrap["mlp"]["wrapper_vs_bare_plus_max_norm"],
-            "<=",
-            1.05,
-        ),
-    ]
-    worst = max(
-        (c["peak_extra_per_slice"], name)
-        for name, f in fams.items()
-        if f["kind"] == "dense"
-        for c in f["cases"]
-    )
-    targets.append(
-        (f"(5) peak extra bytes per slice, worst dense case ({worst[1]})", worst[0], "<=", 64.0)
-    )
-    for name, w in wrap.items():
-        targets.append(
-            (f"(6) {name}: step with track_stats / without", w["track_stats_vs_off"], "<=", 1.05)
-        )
-    out = []
-    for label, value, op, bound in targets:
-        met = value <= bound if op == "<=" else value >= bound
-        out.append({"target": label, "value": value, "op": op, "bound": bound, "met": met})
-    return out
-
-
-def run_all(settings: Settings, families: list[str] | None = None) -> dict[str, Any]:
-    torch.set_num_threads(settings.threads)
-    results: dict[str, Any] = {"machine": machine_info(settings), "families": {}}
-    names = families or [*DENSE_FAMILIES, "embedding_sparse"]
-    for name in names:
+    def _compile_startup(self) -> float:
+        """Compile the snippet once for a tiny tensor, so that the one-time start-up of
+        the compiler (imports, worker processes) is not charged to the first cell."""
+        fn = compile_snippet(MAX_NORM)
         start = time.perf_counter()
-        if name == "embedding_sparse":
-            results["families"][name] = bench_sparse(settings)
+        fn([torch.randn(4, 4, device=self.device)])
+        _sync(self.device)
+        elapsed = time.perf_counter() - start
+        self.log(f"  torch.compile start-up (a 4x4 tensor): {elapsed:.2f} s")
+        return elapsed
+
+    @property
+    def device(self) -> torch.device:
+        return self.s.device
+
+    def log(self, msg: str) -> None:
+        self.s.log(msg)
+
+    # -- dense -------------------------------------------------------------------------
+    def _compile_for(self, fam: Family) -> tuple[Callable[[], None] | None, dict[str, Any]]:
+        """The compiled peer for ``fam.weights`` and what its first call (compile) took."""
+        n = len(fam.weights)
+        if self.s.compile == "none" or (self.s.compile == "first" and self.compiles):
+            return None, {"skipped": f"--compile {self.s.compile}"}
+        if n > self.s.compile_max_tensors:
+            return None, {"skipped": f"{n} tensors > --compile-max-tensors"}
+        if not self.compiles:
+            self.compile_startup_s = self._compile_startup()
+        self.compiles += 1
+        fn = compile_snippet(MAX_NORM)
+        ws = fam.weights
+        fam.rearm()
+        try:
+            start = time.perf_counter()
+            fn(ws)
+            _sync(self.device)
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            fn(ws)
+            _sync(self.device)
+            second = time.perf_counter() - start
+        except Exception as exc:  # a peer that fails is a result, not a harness error
+            self.log(f"  {fam.name}: torch.compile peer failed: {exc!r}")
+            return None, {"error": repr(exc)[:2000]}
+        fam.rearm()
+        self.log(f"  {fam.name}: torch.compile first call {first:.2f} s")
+        return (lambda: fn(ws)), {"first_call_s": first, "second_call_ms": second * 1e3}
+
+    def _check(self, fam: Family, op: Callable[[], object], before: list[Tensor]) -> dict[str, Any]:
+        """Run ``op`` once from the armed state; what it did to the slices."""
+        fam.rearm()
+        op()
+        worst, over_err, changed, in_bound_changed = 0.0, 0.0, 0, 0
+        for buf, idx, ref in zip(fam.buffers, fam.over, before):
+            rows_changed = (buf != ref).any(dim=1)
+            mask = torch.zeros(buf.shape[0], dtype=torch.bool, device=buf.device)
+            mask[idx] = True
+            changed += int(rows_changed.sum())
+            in_bound_changed += int((rows_changed & ~mask).sum())
+            norms = torch.linalg.vector_norm(buf, dim=1)
+            worst = max(worst, float(norms.max()))
+            if idx.numel():
+                over_err = max(over_err, float((norms[idx] - MAX_NORM).abs().max()) / MAX_NORM)
+        fam.rearm()
+        if not all(torch.equal(b, r) for b, r in zip(fam.buffers, before)):
+            raise AssertionError(f"{fam.name}: rearm() does not restore the weights")
+        ok = worst <= MAX_NORM * (1 + RTOL) and in_bound_changed == 0 and over_err <= RTOL
+        return {
+            "max_norm_after": worst,
+            "slices_changed": changed,
+            "in_bound_slices_changed": in_bound_changed,
+            "over_bound_max_rel_err": over_err,
+            "correct": ok,
+        }
+
+    def bench_family(
+        self, fam: Family, fractions: Sequence[float], kind: str = "dense"
+    ) -> dict[str, Any]:
+        ws = fam.weights
+        opt = MaxNormWrapper(torch.optim.SGD(_wrapper_groups(ws, fam.others, MAX_NORM), lr=0.0))
+        opt.project()  # built once, as in training: its cached state is reused
+        ops: dict[str, Callable[[], object]] = {
+            "floor": lambda: read_floor(ws),
+            "renorm_": lambda: renorm_each_(ws, MAX_NORM),
+            "snippet": lambda: snippet_(ws, MAX_NORM),
+        }
+        compiled, compile_info = self._compile_for(fam)
+        if compiled is not None:
+            ops["compiled"] = compiled
+        ops["max_norm_"] = lambda: max_norm_(ws, MAX_NORM)
+        ops["wrapper"] = opt.project
+        cases = [self._cell(fam, f, ops) for f in fractions]
+        shapes = sorted({tuple(w.shape) for w in ws})
+        return {
+            "kind": kind,
+            "num_weights": len(ws),
+            "weight_shapes": [list(s) for s in shapes],
+            "slices": fam.slices,
+            "weight_bytes": fam.weight_bytes,
+            "numel": sum(w.numel() for w in ws),
+            "compile": compile_info,
+            "cases": cases,
+        }
+
+    def _cell(
+        self, fam: Family, fraction: float, ops: dict[str, Callable[[], object]]
+    ) -> dict[str, Any]:
+        fam.set_fraction(fraction)
+        before = [b.clone() for b in fam.buffers]
+        checks = {m: self._check(fam, op, before) for m, op in ops.items() if m != "floor"}
+        del before
+        for m in OURS:
+            if not checks[m]["correct"]:
+                raise AssertionError(f"{fam.name} {fraction:.0%}: {m} result wrong: {checks[m]}")
+        for m, chk in checks.items():
+            if not chk["correct"]:
+                self.log(f"  {fam.name} {fraction:.0%}: peer {m} result differs: {chk}")
+        peaks = {}
+        for m, op in ops.items():
+            fam.rearm()
+            peaks[m] = peak_extra_bytes(op, self.device)
+        fam.rearm()
+        fns: dict[str, Callable[[], object]] = {"rearm": fam.rearm, "floor": ops["floor"]}
+        for m, op in ops.items():
+            if m != "floor":
+                fns[m] = lambda op=op: (fam.rearm(), op())
+        raw = rounds_ms(fns, self.s)
+        fam.rearm()
+        methods = list(ops)
+        net = {m: diff(raw[m], raw["rearm"]) for m in methods if m != "floor"}
+        net["floor"] = list(raw["floor"])
+        time_ms = {m: spread(net[m]) for m in methods}
+        peers = [p for p in DENSE_PEERS if p in methods and time_ms[p] is not None]
+        best = min(peers, key=lambda p: time_ms[p]["median"]) if peers else None
+        ratios = {o: {p: spread(ratio(net[o], net[p])) for p in peers} for o in OURS}
+        cell = {
+            "fraction": fraction,
+            "slices_over": fam.slices_over,
+            "rearm_ms": spread(raw["rearm"]),
+            "time_ms": time_ms,
+            "x_floor": {m: spread(ratio(net[m], net["floor"])) for m in methods if m != "floor"},
+            "ratios": ratios,
+            "best_peer": best,
+            "vs_best_peer": {o: ratios[o][best] if best else None for o in OURS},
+            "peak_extra_bytes": peaks,
+            "checks": checks,
+            "rounds_ms": raw,
+        }
+        self.log(
+            f"  {fam.name} {fraction:>4.0%}: "
+            + ", ".join(f"{m} {_median(time_ms[m]) or 0:.3f}" for m in methods)
+            + " ms; wrapper / best peer "
+            + (f"{cell['vs_best_peer']['wrapper']['median']:.2f}" if best and
+               cell["vs_best_peer"]["wrapper"] else "-")
+        )  # fmt: skip
+        return cell
+
+    def families(self, names: Sequence[str]) -> dict[str, Any]:
+        out = {}
+        for name in names:
+            start = time.perf_counter()
+            fam = build_dense(name, self.device, self.s.quick)
+            out[name] = self.bench_family(fam, FRACTIONS)
+            del fam
+            self.log(f"  ({name}: {time.perf_counter() - start:.1f} s)")
+        return out
+
+    def scaling(self) -> dict[str, Any]:
+        sides, counts = sweep_sizes(self.s.quick)
+        single, many = [], []
+        for n in sides:
+            start = time.perf_counter()
+            fam = build_family(f"single {n}x{n}", [(n, n)], [], self.device)
+            single.append({"side": n, **self.bench_family(fam, (SWEEP_FRACTION,), "sweep")})
+            del fam
+            self.log(f"  (single {n}^2: {time.perf_counter() - start:.1f} s)")
+        for k in counts:
+            start = time.perf_counter()
+            fam = build_family(f"{k} x 64x64", [(64, 64)] * k, [], self.device)
+            many.append({"count": k, **self.bench_family(fam, (SWEEP_FRACTION,), "sweep")})
+            del fam
+            self.log(f"  ({k} x 64^2: {time.perf_counter() - start:.1f} s)")
+        slopes = {}
+        for key, rows, xkey in (("single", single, "numel"), ("many", many, "count")):
+            slopes[key] = {
+                m: _loglog_slope(
+                    [r[xkey] for r in rows],
+                    [_median(r["cases"][0]["time_ms"].get(m)) for r in rows],
+                )
+                for m in METHODS
+            }
+        return {"fraction": SWEEP_FRACTION, "single": single, "many": many, "loglog_slope": slopes}
+
+    # -- sparse ------------------------------------------------------------------------
+    def sparse(self) -> dict[str, Any]:
+        """SparseAdam on Embedding(1e6, 64), 4096 touched rows: bare step, wrapper
+        step, bare step + the hand-written touched-rows projection."""
+        touched = TOUCHED_ROWS
+        w, grad = build_embedding_sparse(self.device, self.s.quick, touched)
+        idx = grad.indices()[0]
+        w.grad = grad
+        bare = torch.optim.SparseAdam([w], lr=1e-3)
+        wrapped = MaxNormWrapper(torch.optim.SparseAdam([w], lr=1e-3), max_norm=MAX_NORM)
+        wrapped.step()  # the first step projects the whole table; later ones the touched rows
+        cases = []
+        for fraction in SPARSE_FRACTIONS:
+            gen = torch.Generator().manual_seed(1)
+            over = torch.zeros(touched, dtype=torch.bool)
+            over[torch.randperm(touched, generator=gen)[: round(fraction * touched)]] = True
+            with torch.no_grad():
+                rows = w.index_select(0, idx)
+                scale = torch.where(over, 1.5, 0.5).to(w.device) * MAX_NORM
+                rows.mul_((scale / torch.linalg.vector_norm(rows, dim=1)).unsqueeze(1))
+                w.index_copy_(0, idx, rows)
+            saved = rows.clone()
+
+            def rearm(saved: Tensor = saved) -> None:
+                with torch.no_grad():
+                    w.index_copy_(0, idx, saved)
+
+            def bare_step(rearm: Callable[[], None] = rearm) -> None:
+                rearm()
+                bare.step()
+
+            def wrapper_step(rearm: Callable[[], None] = rearm) -> None:
+                rearm()
+                wrapped.step()
+
+            def snippet_step(rearm: Callable[[], None] = rearm) -> None:
+                rearm()
+                bare.step()
+                touched_rows_snippet_(w, MAX_NORM)
+
+            bare_step()
+            rows_over = int((torch.linalg.vector_norm(w.detach()[idx], dim=1) > MAX_NORM).sum())
+            worst = {}
+            for name, fn in (("wrapper", wrapper_step), ("snippet", snippet_step)):
+                fn()
+                worst[name] = float(torch.linalg.vector_norm(w.detach()[idx], dim=1).max())
+                if worst[name] > MAX_NORM * (1 + RTOL):
+                    raise AssertionError(f"sparse: {name} leaves a norm {worst[name]} > bound")
+            peaks = {}
+            for name, op in (
+                ("bare", bare.step),
+                ("wrapper", wrapped.step),
+                ("snippet", lambda: (bare.step(), touched_rows_snippet_(w, MAX_NORM))),
+            ):
+                rearm()
+                peaks[name] = peak_extra_bytes(op, self.device)
+            raw = rounds_ms(
+                {"rearm": rearm, "bare": bare_step, "wrapper": wrapper_step,
+                 "snippet": snippet_step},
+                self.s,
+                STEP_ROUNDS_FACTOR * self.s.rounds,
+            )  # fmt: skip
+            rearm()
+            step = diff(raw["bare"], raw["rearm"])
+            added = {
+                m: [a - b for a, b in zip(raw[m], raw["bare"])] for m in ("wrapper", "snippet")
+            }
+            case = {
+                "fraction": fraction,
+                "touched_rows": touched,
+                "rows_over_after_step": rows_over,
+                "rearm_ms": spread(raw["rearm"]),
+                "step_ms": spread(step),
+                "added_ms": {m: spread(v) for m, v in added.items()},
+                "added_vs_step": {m: spread(ratio(v, step)) for m, v in added.items()},
+                "wrapper_vs_snippet": spread(
+                    ratio(diff(raw["wrapper"], raw["bare"]), diff(raw["snippet"], raw["bare"]))
+                ),
+                "max_norm_after": worst,
+                "peak_extra_bytes": peaks,
+                "rounds_ms": raw,
+            }
+            self.log(
+                f"  sparse {fraction:>4.0%}: SparseAdam step {_median(case['step_ms']) or 0:.3f}"
+                f" ms, added: wrapper {_median(case['added_ms']['wrapper']):.3f} ms, "
+                f"snippet {_median(case['added_ms']['snippet']):.3f} ms"
+            )
+            cases.append(case)
+        return {
+            "weight_shape": list(w.shape),
+            "weight_bytes": w.numel() * w.element_size(),
+            "optimizer": "SparseAdam(lr=1e-3)",
+            "cases": cases,
+        }
+
+    # -- training ----------------------------------------------------------------------
+    def training(self, name: str) -> dict[str, Any]:
+        """Forward, backward, ``step()``, ``zero_grad()`` with fused Adam: bare, wrapped,
+        and bare with the corrected snippet after ``step()`` (three identical models,
+        each cycling through the same few random batches)."""
+        c = TRAIN_MAX_NORM
+        models, batches = build_training_model(name, self.device, self.s.quick, copies=3)
+        bare = torch.optim.Adam(models[0].parameters(), lr=TRAIN_LR, fused=True)
+        weights, others = _split(list(models[1].parameters()))
+        wrapped = MaxNormWrapper(
+            torch.optim.Adam(_wrapper_groups(weights, others, c), lr=TRAIN_LR, fused=True)
+        )
+        snip_weights, _ = _split(list(models[2].parameters()))
+        snip = torch.optim.Adam(models[2].parameters(), lr=TRAIN_LR, fused=True)
+
+        def make_step(
+            model: nn.Module, opt: torch.optim.Optimizer, after: Callable[[], None] | None = None
+        ) -> Callable[[], None]:
+            data = itertools.cycle(batches)
+
+            def train_step() -> None:
+                x, y = next(data)
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+                if after is not None:
+                    after()
+                opt.zero_grad()
+
+            return train_step
+
+        fns: dict[str, Callable[[], object]] = {
+            "bare": make_step(models[0], bare),
+            "wrapper": make_step(models[1], wrapped),
+            "snippet": make_step(models[2], snip, lambda: snippet_(snip_weights, c)),
+        }
+        for fn in fns.values():
+            for _ in range(3):
+                fn()
+        raw = rounds_ms(fns, self.s, STEP_ROUNDS_FACTOR * self.s.rounds)
+        # What the constraint did at the end of the run: one more step of the snippet
+        # model, counting the rows over the bound before its projection.
+        x, y = batches[0]
+        F.cross_entropy(models[2](x), y).backward()
+        snip.step()
+        with torch.no_grad():
+            over = sum(int((w.flatten(1).norm(dim=1) > c).sum()) for w in snip_weights)
+        snippet_(snip_weights, c)
+        snip.zero_grad()
+        worst = max(float(w.detach().flatten(1).norm(dim=1).max()) for w in weights)
+        if worst > c * (1 + RTOL):
+            raise AssertionError(f"training {name}: wrapper leaves a norm {worst} > {c}")
+        slices = sum(w.shape[0] for w in weights)
+        overhead = {m: [(a - b) / b for a, b in zip(raw[m], raw["bare"])] for m in ("wrapper",
+                    "snippet")}  # fmt: skip
+        out = {
+            "batch": int(x.shape[0]),
+            "input_shape": list(x.shape[1:]),
+            "base": f"Adam(lr={TRAIN_LR}, fused=True)",
+            "max_norm": c,
+            "constrained_weights": len(weights),
+            "slices": slices,
+            "slices_over_per_step": over,
+            "time_ms": {m: spread(v) for m, v in raw.items()},
+            "overhead": {m: spread(v) for m, v in overhead.items()},
+            "wrapper_vs_snippet_overhead": spread(
+                ratio(diff(raw["wrapper"], raw["bare"]), diff(raw["snippet"], raw["bare"]))
+            ),
+            "rounds_ms": raw,
+        }
+        self.log(
+            f"  training {name}: bare {_median(out['time_ms']['bare']):.2f} ms, overhead "
+            f"wrapper {100 * _median(out['overhead']['wrapper']):.2f} %, snippet "
+            f"{100 * _median(out['overhead']['snippet']):.2f} %"
+        )
+        return out
+
+
+def _brief(s: dict[str, Any] | None) -> dict[str, float] | None:
+    return None if s is None else {k: s[k] for k in ("median", "min", "max")}
+
+
+def summary(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per cell: ours (wrapper and ``max_norm_``) / the fastest peer of that cell."""
+    rows = []
+    cells: list[tuple[str, dict[str, Any]]] = list(results.get("families", {}).items())
+    scaling = results.get("scaling", {})
+    cells += [(f"single {r['side']}^2", r) for r in scaling.get("single", [])]
+    cells += [(f"{r['count']} x 64^2", r) for r in scaling.get("many", [])]
+    for name, fam in cells:
+        for c in fam["cases"]:
+            best = c["best_peer"]
+            rows.append(
+                {
+                    "cell": name,
+                    "fraction": c["fraction"],
+                    "best_peer": best,
+                    "best_peer_ms": _median(c["time_ms"][best]) if best else None,
+                    "wrapper_ms": _median(c["time_ms"]["wrapper"]),
+                    "wrapper_x_floor": _brief(c["x_floor"]["wrapper"]),
+                    "wrapper_vs_best_peer": _brief(c["vs_best_peer"]["wrapper"]),
+                    "max_norm__vs_best_peer": _brief(c["vs_best_peer"]["max_norm_"]),
+                }
+            )
+    return rows
+
+
+def run_all(
+    settings: Settings,
+    sections: Sequence[str] = SECTIONS,
+    families: Sequence[str] = DENSE_FAMILIES,
+) -> dict[str, Any]:
+    torch.set_num_threads(settings.threads)
+    bench = Bench(settings)
+    results: dict[str, Any] = {"machine": machine_info(settings)}
+    results["machine"]["sections"] = list(sections)
+    timings: dict[str, float] = {}
+    for section in SECTIONS:
+        if section not in sections:
+            continue
+        start = time.perf_counter()
+        settings.log(f"== {section}")
+        if section == "families":
+            results["families"] = bench.families(families)
+        elif section == "scaling":
+            results["scaling"] = bench.scaling()
+        elif section == "sparse":
+            results["sparse"] = bench.sparse()
         else:
-            results["families"][name] = bench_dense(name, settings)
-        settings.log(f"  ({name}: {time.perf_counter() - start:.1f} s)")
-    results["wrapper"] = {n: bench_wrapper(n, settings) for n in ("mlp", "many_small")}
-    if families is None:
-        results["targets"] = evaluate_targets(results)
+            results["training"] = {n: bench.training(n) for n in ("mlp", "small_cnn")}
+        timings[section] = round(time.perf_counter() - start, 1)
+        settings.log(f"   ({section}: {timings[section]} s)")
+    results["machine"]["section_wall_s"] = timings
+    results["machine"]["compile_startup_s"] = bench.compile_startup_s
+    results["summary"] = summary(results)
     return results
