@@ -35,6 +35,7 @@ from . import _numerics as num
 from ._options import MaxNormOptions
 
 __all__ = [
+    "GATHER_NUMEL",
     "SCRATCH_NUMEL",
     "SMALL_NUMEL",
     "Batch",
@@ -55,12 +56,19 @@ __all__ = [
     "where_scale_",
 ]
 
+# Elements of the buffer the CPU strategy gathers the slices it scales into (per
+# thread, dtype and device; larger selections go through it in chunks).
+GATHER_NUMEL = 1 << 22
 # Tensors of at most this many elements are batched with others of the same slice
 # shape: their norms are computed in one call over a copy in a scratch buffer.
 SMALL_NUMEL = 1 << 16
 # Elements of each scratch buffer (per thread, dtype and device): bounds the extra
 # memory of a projection, whatever the size of the weights.
 SCRATCH_NUMEL = 1 << 20
+# Slices whose check norm's error bound (plus that of the norms the factors come from)
+# is below this are aimed by that bound and need no verification: rows of up to ~64
+# fp32 elements, and fp64 rows of any length, end at most ~5e-6 under the bound.
+_PROVEN = 4.5e-6
 # Settling steps before the last, provably sufficient one (each shrinks the slices
 # that still fail the check by a growing number of ulps).
 _SETTLE_STEPS = 24
@@ -96,7 +104,7 @@ class _Pool(threading.local):
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < numel:
             buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
-            if numel <= 4 * SCRATCH_NUMEL:
+            if numel <= 4 * GATHER_NUMEL:
                 self.buffers[key] = buf
         return buf[:numel]
 
@@ -171,6 +179,11 @@ class Stats:
         if norms.numel():
             self.parts.append((selected.sum(), norms.max().to(torch.float32), norms.numel()))
 
+    def add_counts(self, projected: int, norms: Tensor) -> None:
+        if norms.numel():
+            count = torch.tensor(projected, device=norms.device)
+            self.parts.append((count, norms.max().to(torch.float32), norms.numel()))
+
     def result(self, device: torch.device | None) -> ProjectionStats:
         if not self.parts:
             zero = torch.zeros((), dtype=torch.int64, device=device)
@@ -205,11 +218,26 @@ class Pipeline:
         self.rate_one = options.rate == 1.0
         hi = self.bounds.hi
         self._fits = math.isfinite(hi) and _power_fits(hi, self.p, self.acc)
+        self._bounds: dict[int, float] = {}
+        # The common case, with a shorter path on CPU: an upper bound only, exact, on
+        # real fp32/fp64 values.
+        self.plain = (
+            self.bounds.lo == 0
+            and self.rate_one
+            and not complex_
+            and dtype in (torch.float32, torch.float64)
+        )
 
     def check_bound(self, length: int) -> float:
         """`error_bound` of the check norm of slices of `length` near the bound."""
-        scale = self.bounds.hi if math.isfinite(self.bounds.hi) else max(self.bounds.lo, 1e-300)
-        return num.error_bound(length, self.p, self.dtype, self.complex, scale)
+        cached = self._bounds.get(length)
+        if cached is None:
+            b = self.bounds
+            scale = b.hi if math.isfinite(b.hi) else max(b.lo, 1e-300)
+            cached = self._bounds[length] = num.error_bound(
+                length, self.p, self.dtype, self.complex, scale
+            )
+        return cached
 
     def judges(self, length: int) -> bool:
         """Whether the same-dtype check can judge slices of `length` at the bound: where
@@ -253,14 +281,6 @@ class Pipeline:
             selected = selected & (skip.to(decision.device) == 0)
         return over, under, nonfinite, selected
 
-    def may_select(self, check: Tensor, length: int) -> bool:
-        """A cheap host-side test: whether any slice may be over, under, or suspect
-        (NaN compares False: a slice holding NaN is left alone)."""
-        b = self.bounds
-        if b.lo > 0 or b.hi <= 2 * num.low_zone(length, self.p, self.acc):
-            return True
-        return bool((check > b.hi).any())
-
     # -- factors ----------------------------------------------------------------------
     def verifies(self, length: int, eps: float, prove: bool) -> tuple[bool, bool]:
         """Which checks the scaled slices are verified with afterwards: `(same-dtype
@@ -273,7 +293,7 @@ class Pipeline:
     def _proven(self, length: int, eps: float) -> bool:
         # Short slices: the check norm's own error bound costs under ~2e-6 of margin.
         own = self.check_bound(length)
-        return not self.half and own + eps <= 2e-6
+        return not self.half and own + eps <= _PROVEN
 
     def margins(self, length: int, eps: float, prove: bool) -> tuple[float, float]:
         """How far inside `[lo, hi]` scaled slices aim (relative), `(below hi, above lo)`.
@@ -485,11 +505,49 @@ def _lift_cpu(pipe: Pipeline, rows: _Gathered, under: Tensor, same: bool, wide: 
             rows.store.index_copy_(0, keep, stored[ok])
 
 
+def _cpu_scale_over(pipe: Pipeline, store: Tensor, check: Tensor) -> None:
+    """`_cpu_scale` for the common case (`pipe.plain`: every row over an upper bound,
+    real fp32/fp64): the same steps with the fewest operations."""
+    k, length = store.shape
+    p = pipe.p
+    own = pipe.check_bound(length)
+    if own <= 2.5e-6 and bool(torch.isfinite(check).all()) and p in (1.0, 2.0, math.inf):
+        norms, eps = check.to(torch.float64), own  # short rows: the check is accurate
+    elif p <= 4 and store.dtype == torch.float32 and k * length <= 1 << 16:
+        # few values: float64 accumulation (no power of fp32 values over/underflows it)
+        norms = torch.linalg.vector_norm(store, p, dim=1, dtype=torch.float64)
+        eps = 1.01 * (num.gamma(length + 1024, num.unit_roundoff(torch.float64)) / p)
+    else:
+        norms, eps = num.accurate_norms(store, p, check)
+    margin = pipe.margins(length, eps, False)[0]
+    same = pipe.verifies(length, eps, False)[0]
+    factors = (pipe.bounds.hi * (1.0 - margin)) / norms
+    if same:  # aim under by the check's observed (or typical) error: see Pipeline.factors
+        cap = 1e-3
+        slack = (check.to(torch.float64) / norms - 1).abs_().mul_(2)
+        typical = min(2 * math.sqrt(length) * num.unit_roundoff(pipe.acc), cap)
+        factors /= slack.clamp_(min=typical, max=cap).add_(1)
+    tiny = 2.0 ** (-100 if store.dtype == torch.float32 else -1000)
+    if float(factors.min()) < tiny:  # extreme factors: in two steps
+        _scale_rows_(store, factors, pipe.work)
+    else:
+        store.mul_(factors.to(store.dtype).unsqueeze(1))
+    if same:
+        rows = _Gathered(store)
+        hi = num.floor_to(pipe.bounds.hi, pipe.acc)
+        if bool((num.check_norms(store, p, 1) > hi).any()):
+            _settle_cpu(pipe, rows, True, False)
+
+
 def _cpu_scale(
     pipe: Pipeline, store: Tensor, check: Tensor, over: Tensor, under: Tensor, prove: bool
 ) -> None:
     """Scale gathered rows (`(k, length)`, all selected) in place, then verify them with
     the checks that do not hold by construction and settle the ones out of bound."""
+    if pipe.plain and not prove and pipe.judges(store.shape[1]) is not None:
+        if bool(over.all()):
+            _cpu_scale_over(pipe, store, check)
+            return
     k, length = store.shape
     norms, eps = num.accurate_norms(store, pipe.p, check)
     every = torch.ones(k, dtype=torch.bool, device=store.device)
@@ -504,17 +562,64 @@ def _cpu_scale(
         _lift_cpu(pipe, rows, every, same, wide)
 
 
-def _cpu_decide(
-    pipe: Pipeline, check: Tensor, length: int, gather: Any, skip: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Decision norms (the check norms, re-measured in float64 where they over- or
-    underflowed) and the classification."""
+class _Selection(NamedTuple):
+    """The slices the CPU strategy scales: their indices and, for each, its check norm
+    and whether it is over the bound (else under the lower one)."""
+
+    index: Tensor
+    check: Tensor
+    over: Tensor
+    under: Tensor
+
+
+def _cpu_select(
+    pipe: Pipeline,
+    check: Tensor,
+    length: int,
+    gather: Any,
+    skip: Tensor | None,
+    stats: Stats | None,
+) -> _Selection | None:
+    """Which slices to scale, from their check norms (re-measured on a rescaled float64
+    copy where they over- or underflowed); `None` when none.
+
+    Without a lower bound this is one comparison over all slices (NaN compares False:
+    a slice holding NaN is left alone; inf is re-measured: overflow or an inf value);
+    everything else touches the selected slices only.
+    """
+    if skip is not None and bool(skip):  # a skipped step (the host reads it: CPU)
+        if stats is not None:
+            stats.add(torch.zeros(1, dtype=torch.bool), check)
+        return None
+    b = pipe.bounds
+    if b.lo == 0 and not b.hi <= 2 * num.low_zone(length, pipe.p, pipe.acc):
+        idx = (check > num.floor_to(b.hi, check.dtype)).nonzero().squeeze(1)
+        if idx.numel():
+            picked = check.index_select(0, idx)
+            inf = torch.isinf(picked)
+            if bool(inf.any()):
+                again = num.rescaled_norms(gather(idx[inf]), pipe.p)
+                keep = torch.ones_like(inf)
+                keep[inf] = torch.isfinite(again) & (again > b.hi)
+                idx, picked = idx[keep], picked[keep]
+        if stats is not None:
+            stats.add_counts(idx.numel(), check)
+        if idx.numel() == 0:
+            return None
+        yes = torch.ones(idx.numel(), dtype=torch.bool)
+        return _Selection(idx, picked, yes, ~yes)
     decision = check.to(torch.float64)
     suspect = pipe.suspects(check, length)
     if bool(suspect.any()):
-        idx = suspect.nonzero().squeeze(1)
-        decision[idx] = num.rescaled_norms(gather(idx), pipe.p)
-    return (decision, *pipe.classify(decision, skip, length))
+        sus = suspect.nonzero().squeeze(1)
+        decision[sus] = num.rescaled_norms(gather(sus), pipe.p)
+    over, under, _, selected = pipe.classify(decision, None, length)
+    if stats is not None:
+        stats.add(selected, decision)
+    idx = selected.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return None
+    return _Selection(idx, check.index_select(0, idx), over[idx], under[idx])
 
 
 def cpu_rows(
@@ -526,81 +631,53 @@ def cpu_rows(
     skip: Tensor | None,
     index: Tensor | None = None,
 ) -> None:
-    """The CPU strategy on a `(slices, length)` view (or on its rows `index`).
-
-    Rows are taken in chunks of about one scratch buffer: each chunk's check norms are
-    computed, and its rows out of bound gathered, scaled, verified and written back
-    while the chunk is still in cache. A chunk with no row out of bound costs one norm.
-    """
+    """The CPU strategy on a `(slices, length)` view (or on its rows `index`): one
+    norm over every row; the rows out of bound are gathered into a bounded scratch
+    buffer (in chunks), scaled, verified and written back. Nothing is written when no
+    row is out of bound."""
+    del name, check_nonfinite  # checked before anything is written (raise_if_nonfinite)
     source = rows if index is None else rows.index_select(0, index)
-    count, length = source.shape
-    step = max(1, SCRATCH_NUMEL // max(length, 1))
-    for start in range(0, count, step):
-        chunk = source[start : start + step]
-        check = num.check_norms(chunk, pipe.p, 1)
-        if stats is None and not pipe.may_select(check, length):
-            continue  # the common case: nothing out of bound, nothing to do
-
-        def gather(idx: Tensor, chunk: Tensor = chunk) -> Tensor:
-            return chunk.index_select(0, idx)
-
-        decision, over, under, nonfinite, selected = _cpu_decide(
-            pipe, check, length, gather, skip
-        )
-        if check_nonfinite and bool(nonfinite.any()):
-            raise nonfinite_error(name)
-        if stats is not None:
-            stats.add(selected, decision)
-        idx = selected.nonzero().squeeze(1)
+    length = source.shape[1]
+    check = num.check_norms(source, pipe.p, 1)
+    chosen = _cpu_select(pipe, check, length, lambda i: source.index_select(0, i), skip, stats)
+    if chosen is None:
+        return
+    step = max(1, GATHER_NUMEL // max(length, 1))
+    for start in range(0, chosen.index.numel(), step):
+        part = slice(start, start + step)
+        idx = chosen.index[part]
         k = idx.numel()
-        if k == 0:
-            continue
-        if k * length > 4 * SCRATCH_NUMEL:  # a single slice larger than the scratch
+        if k * length > 4 * GATHER_NUMEL:  # a single slice larger than the scratch
             buf = torch.empty((k, length), dtype=source.dtype, device=source.device)
         else:
             buf = _POOL.get("gather", source.dtype, source.device, k * length).view(k, length)
-        torch.index_select(chunk, 0, idx, out=buf)
-        sub = (check.index_select(0, idx), over.index_select(0, idx), under.index_select(0, idx))
-        _cpu_scale(pipe, buf, *sub, prove=False)
-        if index is None:
-            chunk.index_copy_(0, idx, buf)
-        else:
-            rows.index_copy_(0, index.index_select(0, idx + start), buf)
+        torch.index_select(source, 0, idx, out=buf)
+        _cpu_scale(pipe, buf, chosen.check[part], chosen.over[part], chosen.under[part], False)
+        rows.index_copy_(0, idx if index is None else index.index_select(0, idx), buf)
 
 
 def cpu_batch(
     pipe: Pipeline, batch: Batch, check_nonfinite: bool, stats: Stats | None, skip
 ) -> None:
+    """The CPU strategy on small tensors: one norm over their concatenation (a copy in
+    a scratch buffer), the rows out of bound scaled there, and the tensors holding any
+    of them copied back."""
+    del check_nonfinite  # checked before anything is written (raise_if_nonfinite)
     first = batch.tensors[0]
     total = sum(batch.sizes)
     cat = _POOL.get("batch", first.dtype, first.device, total * batch.length).view(total, -1)
     torch.cat(batch.tensors, out=cat)
     check = num.check_norms(cat, pipe.p, 1)
-    if stats is None and not pipe.may_select(check, batch.length):
-        return
-
-    def gather(idx: Tensor) -> Tensor:
-        return cat.index_select(0, idx)
-
-    decision, over, under, nonfinite, selected = _cpu_decide(
-        pipe, check, batch.length, gather, skip
+    chosen = _cpu_select(
+        pipe, check, batch.length, lambda i: cat.index_select(0, i), skip, stats
     )
-    if check_nonfinite and bool(nonfinite.any()):
-        raise nonfinite_error(batch.names[int(batch.owner[nonfinite].min())])
-    if stats is not None:
-        stats.add(selected, decision)
-    idx = selected.nonzero().squeeze(1)
-    if idx.numel() == 0:
+    if chosen is None:
         return
-    buf = cat.index_select(0, idx)
-    _cpu_scale(
-        pipe,
-        buf,
-        check.index_select(0, idx),
-        over.index_select(0, idx),
-        under.index_select(0, idx),
-        prove=False,
-    )
+    idx = chosen.index
+    buf = _POOL.get("gather", first.dtype, first.device, idx.numel() * batch.length)
+    buf = buf.view(idx.numel(), batch.length)
+    torch.index_select(cat, 0, idx, out=buf)
+    _cpu_scale(pipe, buf, chosen.check, chosen.over, chosen.under, False)
     cat.index_copy_(0, idx, buf)
     touched = batch.owner.index_select(0, idx).unique().tolist()
     if len(touched) * 4 >= len(batch.tensors):
@@ -645,18 +722,13 @@ def cpu_generic(
         else:
             moved.copy_(values[0])
 
-    check = layout_check()
-    decision, over, under, nonfinite, selected = _cpu_decide(pipe, check, length, gather, skip)
-    if check_nonfinite and bool(nonfinite.any()):
-        raise nonfinite_error(item.name)
-    if stats is not None:
-        stats.add(selected, decision)
-    idx = selected.nonzero().squeeze(1)
-    if idx.numel() == 0:
+    del check_nonfinite  # checked before anything is written (raise_if_nonfinite)
+    chosen = _cpu_select(pipe, layout_check(), length, gather, skip, stats)
+    if chosen is None:
         return
+    idx = chosen.index
     buf = gather(idx).contiguous()
-    sub = (check.index_select(0, idx), over.index_select(0, idx), under.index_select(0, idx))
-    _cpu_scale(pipe, buf, *sub, prove=False)
+    _cpu_scale(pipe, buf, chosen.check, chosen.over, chosen.under, prove=False)
     write(idx, buf)
     same, _ = pipe.verifies(length, 0.0, prove=False)
     lift = pipe.bounds.lo > 0 and pipe.rate_one and pipe.judges(length)

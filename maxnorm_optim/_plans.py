@@ -56,19 +56,24 @@ def is_dtensor(t: Tensor) -> bool:
 
 
 def fingerprint(tensors: Sequence[Tensor]) -> tuple[Any, ...]:
-    """What a plan depends on per tensor: identity, data pointer, shape, strides, dtype
-    and device (for a `DTensor`, those of its local shard and its placements).
+    """What a plan depends on per tensor: identity, data pointer, shape, strides and
+    dtype (for a `DTensor`, those of its local shard and its placements; a new device
+    means a new data pointer).
 
     Raises:
         AttributeError, RuntimeError, TypeError: an item is not a dense tensor.
     """
+    try:
+        return tuple((id(t), t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors)
+    except RuntimeError:  # DTensors have no storage of their own
+        pass
     out = []
     for t in tensors:
         if is_dtensor(t):
             local = t.to_local()  # type: ignore[attr-defined]
             out.append((id(t), local.data_ptr(), t.shape, local.stride(), t.placements))
         else:
-            out.append((id(t), t.data_ptr(), t.shape, t.stride(), t.dtype, t.device))
+            out.append((id(t), t.data_ptr(), t.shape, t.stride(), t.dtype))
     return tuple(out)
 
 
