@@ -191,7 +191,8 @@ class Stats:
         dev = self.parts[0][0].device
         projected = torch.stack([p[0].to(dev) for p in self.parts]).sum()
         top = torch.stack([p[1].to(dev) for p in self.parts]).max()
-        slices = torch.tensor(sum(p[2] for p in self.parts), device=dev)
+        # a fill, not a copy from the host: no sync on an accelerator
+        slices = torch.full((), sum(p[2] for p in self.parts), dtype=torch.int64, device=dev)
         return ProjectionStats(projected, slices, top)
 
 
