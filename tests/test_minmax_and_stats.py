@@ -1,4 +1,4 @@
-"""Min-max norm, unit norm, soft projection (rate) and constraint statistics (issue 7)."""
+"""Min-max norm, unit norm, soft projection (rate) and constraint statistics."""
 
 from __future__ import annotations
 
