@@ -115,12 +115,12 @@ _POOL = _Pool()
 # -- check norms under torch.compile ----------------------------------------------------
 @torch.library.custom_op("maxnorm_optim::check_norms", mutates_args=())
 def _check_norms_op(x: Tensor, p: float, dim: list[int], keepdim: bool) -> Tensor:
-    return num.check_norms(x, p, dim, keepdim)
+    return num.check_norms(x, p, tuple(dim), keepdim)
 
 
 @_check_norms_op.register_fake
 def _(x: Tensor, p: float, dim: list[int], keepdim: bool) -> Tensor:
-    return num.check_norms(x, p, dim, keepdim)
+    return num.check_norms(x, p, tuple(dim), keepdim)
 
 
 def user_check(x: Tensor, p: float, dim: tuple[int, ...], keepdim: bool = False) -> Tensor:
@@ -567,7 +567,7 @@ class _Selection(NamedTuple):
     """The slices the CPU strategy scales: their indices and, for each, its check norm
     and whether it is over the bound (else under the lower one)."""
 
-    index: Tensor
+    rows: Tensor
     check: Tensor
     over: Tensor
     under: Tensor
@@ -644,9 +644,9 @@ def cpu_rows(
     if chosen is None:
         return
     step = max(1, GATHER_NUMEL // max(length, 1))
-    for start in range(0, chosen.index.numel(), step):
+    for start in range(0, chosen.rows.numel(), step):
         part = slice(start, start + step)
-        idx = chosen.index[part]
+        idx = chosen.rows[part]
         k = idx.numel()
         if k * length > 4 * GATHER_NUMEL:  # a single slice larger than the scratch
             buf = torch.empty((k, length), dtype=source.dtype, device=source.device)
@@ -674,7 +674,7 @@ def cpu_batch(
     )
     if chosen is None:
         return
-    idx = chosen.index
+    idx = chosen.rows
     buf = _POOL.get("gather", first.dtype, first.device, idx.numel() * batch.length)
     buf = buf.view(idx.numel(), batch.length)
     torch.index_select(cat, 0, idx, out=buf)
@@ -727,7 +727,7 @@ def cpu_generic(
     chosen = _cpu_select(pipe, layout_check(), length, gather, skip, stats)
     if chosen is None:
         return
-    idx = chosen.index
+    idx = chosen.rows
     buf = gather(idx).contiguous()
     _cpu_scale(pipe, buf, chosen.check, chosen.over, chosen.under, prove=False)
     write(idx, buf)

@@ -22,6 +22,7 @@ __all__ = [
     "SKIP",
     "MaxNormOptions",
     "NormDim",
+    "Skip",
     "parse_options",
     "show",
     "slice_dims",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
@@ -55,7 +55,10 @@ def _unit_tensors(module: nn.Module) -> dict[str, NormDim]:
 
 
 def _parametrized_names(module: nn.Module) -> list[str]:
-    return list(module.parametrizations) if parametrize.is_parametrized(module) else []
+    if not parametrize.is_parametrized(module):
+        return []
+    plists: Any = module.parametrizations
+    return list(plists)
 
 
 def _legacy_norms(module: nn.Module) -> dict[str, Any]:
@@ -112,7 +115,8 @@ def _collect_units(module: nn.Module, prefix: str) -> _Units:
             if param is not None:
                 units.entries.append((qual, param, norm_dim))
         elif parametrize.is_parametrized(module, tensor):
-            plist = module.parametrizations[tensor]
+            plists: Any = module.parametrizations
+            plist = plists[tensor]
             if len(plist) == 1 and isinstance(plist[0], _WeightNorm):
                 problem = _weight_norm_problem(
                     "torch.nn.utils.parametrizations.weight_norm",
@@ -467,13 +471,14 @@ def max_norm_param_groups(
                 "that, or leave the layer unconstrained with "
                 f"overrides={{{name!r}: {{'max_norm': None}}}}"
             )
-        for qual, param, norm_dim in units.entries:
-            key = None if res.options is None else _group_key({**res.options, "norm_dim": norm_dim})
-            claims.setdefault(id(param), []).append(_Claim(key, qual, res.winner))
-    for key in resolved:
-        if key not in used:
+        for qual, weight, norm_dim in units.entries:
+            options = None if res.options is None else {**res.options, "norm_dim": norm_dim}
+            claim_key = None if options is None else _group_key(options)
+            claims.setdefault(id(weight), []).append(_Claim(claim_key, qual, res.winner))
+    for pattern in resolved:
+        if pattern not in used:
             raise ValueError(
-                f"{_WHERE}: override {_label(key)} matches only modules without a weight "
+                f"{_WHERE}: override {_label(pattern)} matches only modules without a weight "
                 "that max_norm_param_groups constrains (biases, norm-layer gains and "
                 "unknown layers are never constrained); build that param group by hand"
             )
@@ -542,7 +547,7 @@ def _decide(claims: list[_Claim]) -> tuple[tuple[str, Any], ...] | None:
 def _check_matches(
     resolved: Mapping[str | type, Any],
     modules: list[tuple[str, nn.Module]],
-    named_params: list[tuple[str, Tensor]],
+    named_params: Sequence[tuple[str, Tensor]],
 ) -> None:
     """Every override must match some module."""
     for key in resolved:

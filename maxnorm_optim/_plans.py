@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import _kernels as kn
-from ._options import SKIP, MaxNormOptions, NormDim, show, slice_dims
+from ._options import MaxNormOptions, NormDim, Skip, show, slice_dims
 
 __all__ = [
     "Plan",
@@ -71,7 +71,8 @@ def fingerprint(tensors: Sequence[Tensor]) -> tuple[Any, ...]:
     for t in tensors:
         if is_dtensor(t):
             local = t.to_local()  # type: ignore[attr-defined]
-            out.append((id(t), local.data_ptr(), t.shape, local.stride(), t.placements))
+            placements = t.placements  # type: ignore[attr-defined]
+            out.append((id(t), local.data_ptr(), t.shape, local.stride(), placements))
         else:
             out.append((id(t), t.data_ptr(), t.shape, t.stride(), t.dtype))
     return tuple(out)
@@ -120,12 +121,11 @@ def make_plan(
             raise ValueError(
                 f"norm_dim={show(norm_dim)} does not fit {name} of shape {tuple(t.shape)} ({err})"
             ) from None
-        if dims is SKIP:
+        if isinstance(dims, Skip):
             continue
         if is_dtensor(t):
             plan.dtensors.append((t, name))
             continue
-        assert not isinstance(dims, type(SKIP))
         all_dims = tuple(range(t.dim())) if dims is None else dims
         lead = all_dims[0] if all_dims else 0
         if i in chosen:

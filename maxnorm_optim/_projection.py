@@ -66,7 +66,7 @@ def project_(
         from ._dtensor import project_dtensors_
 
         dts = plan.dtensors
-        project_dtensors_([t for t, _ in dts], options, [n for _, n in dts], stats, skip)
+        project_dtensors_([t for t, _ in dts], options, [n for _, n in dts], stats, skip)  # type: ignore[misc]
     project_dense_(plan, options, rows=rows, stats=stats, skip=skip)
     return stats.result(device) if stats else None
 

@@ -165,7 +165,7 @@ class MaxNormWrapper(Optimizer):
         self.max_norm_defaults: dict[str, Any] = defaults.as_group()
         self.track_stats = track_stats
         self._reset_caches()
-        self._groups = self._validate_groups()  # raises before anything is written
+        self._groups: list[tuple[dict[str, Any], _Group]] = self._validate_groups()
         self._attach()
 
     # -- set-up, pickling ------------------------------------------------------------------
@@ -175,7 +175,7 @@ class MaxNormWrapper(Optimizer):
         self._certs: dict[int, _Certificate] = {}  # by id of the parameter
         self._versions: dict[int, int] = {}  # parameter versions just before the update
         self._stats: list[ProjectionStats | None] = []
-        self._groups: list[tuple[dict[str, Any], _Group]] = []
+        self._groups = []
         self._ndims: dict[int, int] = {}  # parameter dims when first seen
         self._state_init = False
         self._checked = False  # the checks of the coming update have run
@@ -194,7 +194,9 @@ class MaxNormWrapper(Optimizer):
         base.register_step_pre_hook(_before_base_step)
         post = base.register_step_post_hook(_after_base_step)
         # First among the post-hooks: every later hook sees projected weights.
-        base._optimizer_step_post_hooks.move_to_end(post.id, last=False)
+        hooks = base._optimizer_step_post_hooks
+        assert isinstance(hooks, OrderedDict)
+        hooks.move_to_end(post.id, last=False)
         base.register_load_state_dict_pre_hook(_keep_option_keys)
         base.register_load_state_dict_post_hook(_loaded)
 
@@ -503,7 +505,8 @@ class MaxNormWrapper(Optimizer):
             if not options.active:
                 work.append(None)
                 continue
-            tensors, rows = [], {}
+            tensors: list[Tensor] = []
+            rows: dict[int, Tensor] = {}
             for p in group["params"]:
                 grad = p.grad
                 if grad is None:

@@ -809,9 +809,9 @@ def plot(sweep: Sweep, out: Path) -> list[str]:
     ax_err.set_xticks([], minor=True)
     shown = [100 * e for cells in (sweep.bare, sweep.wrapped) for c in cells.values()
              for e in c.errors]  # fmt: skip
-    lo, hi = (min(shown) / 1.3, min(max(shown) * 1.3, 100.0)) if shown else (1.0, 100.0)
-    widen = math.sqrt(max(4 * lo / hi, 1.0))  # at least a factor 4 from bottom to top
-    ax_err.set_ylim(lo / widen, hi * widen * 3)  # and room for the divergence marks
+    bottom, top = (min(shown) / 1.3, min(max(shown) * 1.3, 100.0)) if shown else (1.0, 100.0)
+    widen = math.sqrt(max(4 * bottom / top, 1.0))  # at least a factor 4 from bottom to top
+    ax_err.set_ylim(bottom / widen, top * widen * 3)  # and room for the divergence marks
     ax_err.set_xlabel("initial learning rate (log scale)")
     ax_err.set_ylabel("final test error (%, log scale)")
     ax_err.set_title("Test error against learning rate (× = seeds that diverged)")
