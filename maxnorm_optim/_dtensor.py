@@ -140,7 +140,7 @@ def project_dtensors_(
         groups.setdefault(key, []).append(_Member(t, all_dims, name))
     if local:
         plan = make_plan(local, options.norm_dim, local_names)
-        project_dense_(plan, options, stats=stats, skip=skip)
+        project_dense_(plan, local, options, stats=stats, skip=skip)
     for (_, reduced, dtype, _), members in groups.items():
         _project_sharded(members, members[0].mesh, reduced, dtype, options, stats, skip)
 

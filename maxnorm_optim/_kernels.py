@@ -514,11 +514,11 @@ def _cpu_scale_over(pipe: Pipeline, store: Tensor, check: Tensor) -> None:
     own = pipe.check_bound(length)
     if own <= 2.5e-6 and bool(torch.isfinite(check).all()) and p in (1.0, 2.0, math.inf):
         norms, eps = check.to(torch.float64), own  # short rows: the check is accurate
-    elif p <= 4 and store.dtype == torch.float32 and k * length <= 1 << 16:
+    elif p != 2.0 and p <= 4 and store.dtype == torch.float32 and k * length <= 1 << 16:
         # few values: float64 accumulation (no power of fp32 values over/underflows it)
         norms = torch.linalg.vector_norm(store, p, dim=1, dtype=torch.float64)
         eps = 1.01 * (num.gamma(length + 1024, num.unit_roundoff(torch.float64)) / p)
-    else:
+    else:  # p = 2: blocked fp32 norms combined in float64 (as fast as one norm)
         norms, eps = num.accurate_norms(store, p, check)
     margin = pipe.margins(length, eps, False)[0]
     same = pipe.verifies(length, eps, False)[0]
@@ -667,7 +667,8 @@ def cpu_batch(
     first = batch.tensors[0]
     total = sum(batch.sizes)
     cat = _POOL.get("batch", first.dtype, first.device, total * batch.length).view(total, -1)
-    torch.cat(batch.tensors, out=cat)
+    shaped = cat.view(total, *first.shape[1:])  # the members' own trailing shape
+    torch.cat(batch.tensors, out=shaped)
     check = num.check_norms(cat, pipe.p, 1)
     chosen = _cpu_select(
         pipe, check, batch.length, lambda i: cat.index_select(0, i), skip, stats
@@ -684,13 +685,13 @@ def cpu_batch(
     if len(touched) * 4 >= len(batch.tensors):
         # Most tensors changed: one call copies every tensor back (rows left alone are
         # copied with their exact bits).
-        torch.split_with_sizes_copy(cat, batch.sizes, dim=0, out=batch.tensors)
+        torch.split_with_sizes_copy(shaped, batch.sizes, dim=0, out=batch.tensors)
     else:
         starts = [0]
         for size in batch.sizes:
             starts.append(starts[-1] + size)
         for j in touched:
-            batch.tensors[j].copy_(cat[starts[j] : starts[j + 1]])
+            batch.tensors[j].copy_(shaped[starts[j] : starts[j + 1]])
 
 
 def cpu_generic(
@@ -872,7 +873,7 @@ def sync_free_batch(
     pipe: Pipeline, batch: Batch, check_nonfinite: bool, stats: Stats | None, skip
 ) -> None:
     cat = torch.cat(batch.tensors)
-    sync_free_rows(pipe, cat, batch.names[0], check_nonfinite, stats, skip)
+    sync_free_rows(pipe, cat.view(cat.shape[0], -1), batch.names[0], check_nonfinite, stats, skip)
     # Rows left alone are copied back with their exact bits.
     torch._foreach_copy_(batch.tensors, list(cat.split(batch.sizes)))
 

@@ -24,6 +24,8 @@ from . import _kernels as kn
 from ._options import MaxNormOptions, NormDim, Skip, show, slice_dims
 
 __all__ = [
+    "BatchRecipe",
+    "Bound",
     "Plan",
     "fingerprint",
     "forced_strategy",
@@ -35,20 +37,66 @@ __all__ = [
 ]
 
 
-@dataclass
-class Plan:
-    """How a list of tensors is projected (bookkeeping only; no tensor math).
+@dataclass(frozen=True)
+class BatchRecipe:
+    """Small tensors normed together: their indices in the list, their slices each, the
+    slice length, whether they are used as they are (`view=False`: the slices are their
+    dim-0 slices) or viewed as `(slices, length)`, and the owner of every row."""
 
-    Reusable while the tensors keep their identity, storage and layout and the
-    `norm_dim` stays the same: see [`plan_key`][maxnorm_optim._projection.plan_key].
+    indices: tuple[int, ...]
+    sizes: tuple[int, ...]
+    length: int
+    view: bool
+    owner: Tensor
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a list of tensors is projected: layout only, by position in the list (no
+    tensor of the list is referenced, so a cached plan keeps no weight alive).
+
+    Valid for any list with the same [`plan_key`][maxnorm_optim._plans.plan_key];
+    [`bind`][maxnorm_optim._plans.Plan.bind] pairs it with the tensors of a call.
     """
+
+    rows: tuple[tuple[int, int], ...] = ()  # (index, slices)
+    batches: tuple[BatchRecipe, ...] = ()
+    generic: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (index, normed dims)
+    selected: tuple[int, ...] = ()
+    dtensors: tuple[int, ...] = ()
+    names: tuple[str, ...] = ()
+    slices: int = 0
+
+    def bind(self, tensors: Sequence[Tensor]) -> Bound:
+        """The kernels' view of this plan over `tensors` (cheap: one view per large
+        tensor and per small tensor that is not used as it is)."""
+        names = self.names
+        batches = []
+        for r in self.batches:
+            members = [tensors[i] for i in r.indices]
+            if r.view:
+                members = [t.view(n, -1) for t, n in zip(members, r.sizes)]
+            batches.append(
+                kn.Batch(members, [names[i] for i in r.indices], list(r.sizes), r.length, r.owner)
+            )
+        return Bound(
+            rows=[kn.Rows(tensors[i], tensors[i].view(n, -1), names[i]) for i, n in self.rows],
+            batches=batches,
+            generic=[kn.Generic(tensors[i], dims, names[i]) for i, dims in self.generic],
+            selected={i: kn.Selected(tensors[i], names[i]) for i in self.selected},
+            dtensors=[(tensors[i], names[i]) for i in self.dtensors],
+        )
+
+
+@dataclass
+class Bound:
+    """A [`Plan`][maxnorm_optim._plans.Plan] paired with the tensors of one call."""
 
     rows: list[kn.Rows] = field(default_factory=list)
     batches: list[kn.Batch] = field(default_factory=list)
     generic: list[kn.Generic] = field(default_factory=list)
     selected: dict[int, kn.Selected] = field(default_factory=dict)
     dtensors: list[tuple[Tensor, str]] = field(default_factory=list)
-    slices: int = 0
 
 
 def is_dtensor(t: Tensor) -> bool:
@@ -56,15 +104,15 @@ def is_dtensor(t: Tensor) -> bool:
 
 
 def fingerprint(tensors: Sequence[Tensor]) -> tuple[Any, ...]:
-    """What a plan depends on per tensor: identity, data pointer, shape, strides and
-    dtype (for a `DTensor`, those of its local shard and its placements; a new device
-    means a new data pointer).
+    """What a plan depends on per tensor: data pointer, shape, strides and dtype (for a
+    `DTensor`, those of its local shard and its placements; a new device means a new
+    data pointer).
 
     Raises:
         AttributeError, RuntimeError, TypeError: an item is not a dense tensor.
     """
     try:
-        return tuple((id(t), t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors)
+        return tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors)
     except RuntimeError:  # DTensors have no storage of their own
         pass
     out = []
@@ -72,9 +120,9 @@ def fingerprint(tensors: Sequence[Tensor]) -> tuple[Any, ...]:
         if is_dtensor(t):
             local = t.to_local()  # type: ignore[attr-defined]
             placements = t.placements  # type: ignore[attr-defined]
-            out.append((id(t), local.data_ptr(), t.shape, local.stride(), placements))
+            out.append((local.data_ptr(), t.shape, local.stride(), placements))
         else:
-            out.append((id(t), t.data_ptr(), t.shape, t.stride(), t.dtype))
+            out.append((t.data_ptr(), t.shape, t.stride(), t.dtype))
     return tuple(out)
 
 
@@ -110,57 +158,69 @@ def make_plan(
     Raises:
         ValueError: `norm_dim` does not fit a tensor (naming it and its shape).
     """
-    plan = Plan()
     chosen = set(selected)
-    small: dict[tuple[Any, ...], list[tuple[Tensor, str]]] = {}
+    rows: list[tuple[int, int]] = []
+    generic: list[tuple[int, tuple[int, ...]]] = []
+    picked: list[int] = []
+    dtensors: list[int] = []
+    slices = 0
+    small: dict[tuple[Any, ...], list[tuple[int, int, int]]] = {}
+    labels = tuple(_label(names, i) for i in range(len(tensors)))
     for i, t in enumerate(tensors):
-        name = _label(names, i)
         try:
             dims = slice_dims(norm_dim, t.dim())
         except IndexError as err:
             raise ValueError(
-                f"norm_dim={show(norm_dim)} does not fit {name} of shape {tuple(t.shape)} ({err})"
+                f"norm_dim={show(norm_dim)} does not fit {labels[i]} of shape "
+                f"{tuple(t.shape)} ({err})"
             ) from None
         if isinstance(dims, Skip):
             continue
         if is_dtensor(t):
-            plan.dtensors.append((t, name))
+            dtensors.append(i)
             continue
         all_dims = tuple(range(t.dim())) if dims is None else dims
         lead = all_dims[0] if all_dims else 0
         if i in chosen:
-            plan.selected[i] = kn.Selected(t, name)
+            picked.append(i)
             continue
         if t.numel() == 0:
             continue
         count = t.numel() // max(1, math.prod(t.shape[d] for d in all_dims))
-        plan.slices += count
-        trailing = all_dims == tuple(range(lead, t.dim()))
-        if not trailing or not t.is_contiguous():
-            plan.generic.append(kn.Generic(t, all_dims, name))
-            continue
-        rows = t.view(count, -1)
-        if t.numel() <= kn.SMALL_NUMEL and count > 0:
-            small.setdefault((t.dtype, t.device, rows.shape[1]), []).append((rows, name))
+        slices += count
+        if all_dims != tuple(range(lead, t.dim())) or not t.is_contiguous():
+            generic.append((i, all_dims))
+        elif t.numel() <= kn.SMALL_NUMEL:
+            # Tensors whose slices are their dim-0 slices are used as they are (no view
+            # per call); the others are viewed as (slices, length).
+            as_is = lead == 1
+            key = (t.dtype, t.device, as_is, tuple(t.shape[1:]) if as_is else t.numel() // count)
+            small.setdefault(key, []).append((i, count, t.numel()))
         else:
-            plan.rows.append(kn.Rows(t, rows, name))
-    for (_, device, length), members in small.items():
-        chunk: list[tuple[Tensor, str]] = []
+            rows.append((i, count))
+    batches: list[BatchRecipe] = []
+    for (_, device, as_is, _), members in small.items():
+        length = members[0][2] // members[0][1]
+        chunk: list[tuple[int, int, int]] = []
         size = 0
-        for rows, name in members:
-            if chunk and size + rows.numel() > kn.SCRATCH_NUMEL:
-                plan.batches.append(_make_batch(chunk, length, device))
+        for member in members:
+            if chunk and size + member[2] > kn.SCRATCH_NUMEL:
+                batches.append(_recipe(chunk, length, not as_is, device))
                 chunk, size = [], 0
-            chunk.append((rows, name))
-            size += rows.numel()
-        plan.batches.append(_make_batch(chunk, length, device))
-    return plan
+            chunk.append(member)
+            size += member[2]
+        batches.append(_recipe(chunk, length, not as_is, device))
+    return Plan(
+        tuple(rows), tuple(batches), tuple(generic), tuple(picked), tuple(dtensors), labels, slices
+    )
 
 
-def _make_batch(members: list[tuple[Tensor, str]], length: int, device: torch.device) -> kn.Batch:
-    sizes = [r.shape[0] for r, _ in members]
+def _recipe(
+    members: list[tuple[int, int, int]], length: int, view: bool, device: torch.device
+) -> BatchRecipe:
+    sizes = tuple(count for _, count, _ in members)
     owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device)
-    return kn.Batch([r for r, _ in members], [n for _, n in members], sizes, length, owner)
+    return BatchRecipe(tuple(i for i, _, _ in members), sizes, length, view, owner)
 
 
 # -- dispatch --------------------------------------------------------------------------
@@ -191,14 +251,17 @@ def strategy(t: Tensor) -> str:
 
 def project_dense_(
     plan: Plan,
+    tensors: Sequence[Tensor],
     options: MaxNormOptions,
     *,
     rows: dict[int, Tensor] | None = None,
     stats: kn.Stats | None = None,
     skip: Tensor | None = None,
 ) -> None:
-    """Project the dense tensors of `plan` in place (validated `options`)."""
+    """Project the dense tensors of `plan` (over `tensors`) in place (validated
+    `options`)."""
     check_nonfinite = options.error_if_nonfinite
+    bound = plan.bind(tensors)
     pipes: dict[tuple[torch.dtype, bool], kn.Pipeline] = {}
 
     def pipe_for(t: Tensor) -> kn.Pipeline:
@@ -207,7 +270,7 @@ def project_dense_(
             pipes[key] = kn.Pipeline(options, t.dtype, t.is_complex())
         return pipes[key]
 
-    for i, sel in plan.selected.items():
+    for i, sel in bound.selected.items():
         assert rows is not None
         view = sel.tensor.view(sel.tensor.shape[0], -1)
         pipe = pipe_for(view)
@@ -217,19 +280,19 @@ def project_dense_(
             sub = view.index_select(0, rows[i])
             kn.sync_free_rows(pipe, sub, sel.name, check_nonfinite, stats, skip)
             view.index_copy_(0, rows[i], sub)
-    for item in plan.rows:
+    for item in bound.rows:
         pipe = pipe_for(item.rows)
         if strategy(item.rows) == "cpu":
             kn.cpu_rows(pipe, item.rows, item.name, check_nonfinite, stats, skip)
         else:
             kn.sync_free_rows(pipe, item.rows, item.name, check_nonfinite, stats, skip)
-    for batch in plan.batches:
+    for batch in bound.batches:
         pipe = pipe_for(batch.tensors[0])
         if strategy(batch.tensors[0]) == "cpu":
             kn.cpu_batch(pipe, batch, check_nonfinite, stats, skip)
         else:
             kn.sync_free_batch(pipe, batch, check_nonfinite, stats, skip)
-    for gen in plan.generic:
+    for gen in bound.generic:
         pipe = pipe_for(gen.tensor)
         if strategy(gen.tensor) == "cpu":
             kn.cpu_generic(pipe, gen, check_nonfinite, stats, skip)

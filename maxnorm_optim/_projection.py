@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -65,16 +64,18 @@ def project_(
     if plan.dtensors:
         from ._dtensor import project_dtensors_
 
-        dts = plan.dtensors
-        project_dtensors_([t for t, _ in dts], options, [n for _, n in dts], stats, skip)  # type: ignore[misc]
-    project_dense_(plan, options, rows=rows, stats=stats, skip=skip)
+        dts = [tensors[i] for i in plan.dtensors]
+        names_dt = [plan.names[i] for i in plan.dtensors]
+        project_dtensors_(dts, options, names_dt, stats, skip)  # type: ignore[arg-type]
+    project_dense_(plan, tensors, options, rows=rows, stats=stats, skip=skip)
     return stats.result(device) if stats else None
 
 
-def _distinct(tensors: list[Tensor]) -> list[Tensor]:
-    """Drop repeats of the same view; raise on distinct views that overlap in memory
-    (projecting them one after the other would scale shared elements twice)."""
-    out: list[Tensor] = []
+def _distinct(tensors: list[Tensor]) -> list[int]:
+    """The positions of `tensors` to project: repeats of the same view dropped; raises
+    on distinct views that overlap in memory (projecting them one after the other
+    would scale shared elements twice)."""
+    out: list[int] = []
     seen: set[tuple[Any, ...]] = set()
     spans: dict[int, list[tuple[int, int, int]]] = {}
     for i, t in enumerate(tensors):
@@ -85,7 +86,7 @@ def _distinct(tensors: list[Tensor]) -> list[Tensor]:
         if key in seen:
             continue
         seen.add(key)
-        out.append(t)
+        out.append(i)
         # Only contiguous views have exact memory spans (strided ones may interleave).
         if not is_dtensor(t) and t.numel() and t.is_contiguous():
             size = t.element_size()
@@ -106,33 +107,26 @@ def _distinct(tensors: list[Tensor]) -> list[Tensor]:
 
 
 class _PlanCache(threading.local):
-    """The plans of the last few `max_norm_` calls, keyed by `plan_key`.
+    """The plans of the last few `max_norm_` calls (with the positions kept after
+    dropping repeats), by `plan_key`. A plan holds no tensor (layout only), so the cache
+    keeps no weight alive, and a plan found by key is right for whatever tensors have
+    that layout."""
 
-    An entry holds views of its tensors; it is dropped as soon as one of the tensors
-    is garbage-collected, so the cache never keeps weights alive."""
-
-    size = 4
+    size = 8
 
     def __init__(self) -> None:
-        self.entries: dict[Any, tuple[Plan, list[weakref.finalize]]] = {}
+        self.entries: dict[Any, tuple[Plan, list[int]]] = {}
 
-    def get(self, key: Any) -> Plan | None:
-        entry = self.entries.pop(key, None)
-        if entry is None:
-            return None
-        self.entries[key] = entry  # most recent last
-        return entry[0]
+    def get(self, key: Any) -> tuple[Plan, list[int]] | None:
+        plan = self.entries.pop(key, None)
+        if plan is not None:
+            self.entries[key] = plan  # most recent last
+        return plan
 
-    def drop(self, key: Any) -> None:
-        entry = self.entries.pop(key, None)
-        if entry is not None:
-            for fin in entry[1]:
-                fin.detach()
-
-    def put(self, key: Any, plan: Plan, tensors: Sequence[Tensor]) -> None:
+    def put(self, key: Any, entry: tuple[Plan, list[int]]) -> None:
         while len(self.entries) >= self.size:
-            self.drop(next(iter(self.entries)))
-        self.entries[key] = (plan, [weakref.finalize(t, self.drop, key) for t in tensors])
+            self.entries.pop(next(iter(self.entries)))
+        self.entries[key] = entry
 
 
 _PLANS = _PlanCache()
@@ -201,17 +195,22 @@ def max_norm_(
         key = plan_key(items, options.norm_dim) if dense else None
     except (AttributeError, RuntimeError, TypeError):
         key = None  # not all dense tensors: the checks below say which
-    plan = _PLANS.get(key) if key is not None else None
-    if plan is None:
-        # Every check before anything is written; a cached plan passed them already.
+    cached = _PLANS.get(key) if key is not None else None
+    if cached is None:
+        # Every check before anything is written; a cached plan passed them already
+        # (same layouts, so the same checks and overlaps).
         for i, t in enumerate(items):
             check_tensor(t, f"max_norm_: tensor {i}")
-        items = _distinct(items)
-        plan = make_plan(items, options.norm_dim)  # raises if norm_dim does not fit
+        kept = _distinct(items)
+        plan = make_plan([items[i] for i in kept], options.norm_dim)  # raises if no fit
         if key is not None:
-            _PLANS.put(key, plan, items)
+            _PLANS.put(key, (plan, kept))
+    else:
+        plan, kept = cached
+    if len(kept) != len(items):
+        items = [items[i] for i in kept]
     if options.error_if_nonfinite:
-        raise_if_nonfinite(plan, options)
+        raise_if_nonfinite(plan, items, options)
     project_(items, options, plan=plan)
 
 
@@ -226,23 +225,27 @@ def check_tensor(t: Any, where: str) -> None:
 
 
 def raise_if_nonfinite(
-    plan: Plan, options: MaxNormOptions, rows: dict[int, Tensor] | None = None
+    plan: Plan,
+    tensors: Sequence[Tensor],
+    options: MaxNormOptions,
+    rows: dict[int, Tensor] | None = None,
 ) -> None:
     """The all-or-nothing check of `error_if_nonfinite`: every dense slice first (for
     tensors with selected rows, those rows), so that nothing is written when a slice
     holds NaN or inf. (`DTensor`s check their reduced norms as they are projected.)"""
     p = options.norm_type
-    for item in plan.rows:
+    bound = plan.bind(tensors)
+    for item in bound.rows:
         if not bool(_finite_slices(item.rows, p, (1,)).all()):
             raise kn.nonfinite_error(item.name)
-    for gen in plan.generic:
+    for gen in bound.generic:
         if not bool(_finite_slices(gen.tensor, p, gen.dims).all()):
             raise kn.nonfinite_error(gen.name)
-    for batch in plan.batches:
+    for batch in bound.batches:
         for t, name in zip(batch.tensors, batch.names):
             if not bool(_finite_slices(t, p, (1,)).all()):
                 raise kn.nonfinite_error(name)
-    for i, sel in plan.selected.items():
+    for i, sel in bound.selected.items():
         view = sel.tensor.view(sel.tensor.shape[0], -1)
         touched = view if rows is None else view.index_select(0, rows[i])
         if not bool(_finite_slices(touched, p, (1,)).all()):

@@ -523,7 +523,8 @@ class MaxNormWrapper(Optimizer):
         for item in work:
             if item is not None and item[2].error_if_nonfinite:
                 i, group, options, tensors, rows = item
-                proj.raise_if_nonfinite(self._plan(i, group, options, tensors, rows), options)
+                plan = self._plan(i, group, options, tensors, rows)
+                proj.raise_if_nonfinite(plan, tensors, options, rows)
         stats: list[ProjectionStats | None] = []
         for item in work:
             if item is None:

@@ -7,7 +7,7 @@ For each row:
 * ``unconstrained``: a wrapper without ``max_norm`` is bit-identical to the bare
   optimizer (weights and state, every step);
 * ``constrained``: each step equals the bare step followed by the reference
-  projection (scaled slices to rtol 1e-6, every other slice bitwise), the bound holds
+  projection (scaled slices to rtol 1e-5, every other slice bitwise), the bound holds
   and the optimizer state is the bare one's;
 * ``resume``: ``state_dict()`` saved and loaded with ``torch.load(weights_only=True)``
   into a fresh wrapper resumes bitwise, max-norm keys included.

@@ -1,6 +1,7 @@
-"""MaxNormWrapper as a drop-in: the wrapped optimizer's own step (and its patches) runs,
-stepping it directly projects too, nothing cached goes stale, every check runs before
-the update, and wrapping leaves the wrapped optimizer as it was."""
+"""Drop-in: the wrapped optimizer's own step (and any patch of it) runs once per wrapper
+step; stepping it directly projects too, once; nothing the wrapper caches goes stale;
+every check runs before the update, and a rejected step changes nothing; wrapping
+leaves the wrapped optimizer's `defaults` as they were."""
 
 from __future__ import annotations
 
@@ -21,6 +22,37 @@ from torch.profiler import profile
 from maxnorm_optim import MaxNormWrapper
 
 from helpers import assert_state_equal, assert_within
+
+COMPAT_SECTION = "Drop-in"
+COMPAT_ORDER = 7
+COMPAT_ROWS = {
+    "test_an_instance_patch_of_base_step_runs_once_per_wrapper_step": "a patch of base.step runs",
+    "test_a_patch_that_bypasses_the_base_hooks_still_projects_once": (
+        "a patch bypassing the hooks: projected once"
+    ),
+    "test_global_hooks_fire_once_and_see_projected_weights": "global step hooks: once, projected",
+    "test_a_base_without_step_hooks_is_projected_by_the_wrapper": (
+        "base without step hooks (Lookahead)"
+    ),
+    "test_step_keyword_arguments_reach_the_base": "step(closure, **kwargs) forwarded",
+    "test_wrapping_leaves_the_base_defaults_alone": "base.defaults unchanged",
+    "test_groups_added_on_the_base_get_the_wrapper_defaults": "groups added on the base",
+    "test_edited_options_take_effect_at_the_next_step": "edited options: next step",
+    "test_a_tensor_bound_mutated_later_cannot_be_smuggled_in": "tensor-valued bound rejected",
+    "test_a_param_appended_by_hand_that_does_not_fit_is_rejected_before_the_update": (
+        "bad param appended by hand: rejected first"
+    ),
+    "test_a_compiled_step_enforces_every_new_bound_without_warnings": (
+        "compiled step, 13 bounds: each holds"
+    ),
+    "test_a_warm_up_from_zero_lr_projects_the_first_step": "lr warm-up from 0: projected",
+    "test_dcp_state_initialisation_leaves_weights_bitwise": "DCP state init: weights unchanged",
+    "test_fsdp1_flattened_parameters_are_refused_naming_fully_shard": "FSDP1 flat params: refused",
+    "test_a_weight_replaced_by_a_flat_shard_is_refused_before_the_update": (
+        "flat 1-d shard: refused first"
+    ),
+}
+COMPAT_COLUMNS = dict.fromkeys(COMPAT_ROWS, "holds")
 
 
 def make_model(seed: int = 0) -> nn.Module:

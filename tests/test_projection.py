@@ -1,0 +1,57 @@
+"""max_norm_ as an API: what it remembers between calls (layouts only), and that a new
+layout, repeats and temporaries are handled."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import torch
+
+from maxnorm_optim import max_norm_
+
+from reference import reference_project
+
+
+def test_repeats_in_a_list_seen_before_are_still_projected_once():
+    a, b = torch.full((4, 9), 3.0), torch.full((4, 9), 6.0)
+    for _ in range(2):  # the second call takes the remembered layout
+        x, y = a.clone(), b.clone()
+        max_norm_([x, x, y], 1.0)
+        torch.testing.assert_close(x.norm(dim=1), torch.ones(4), rtol=1e-5, atol=0)
+        torch.testing.assert_close(y.norm(dim=1), torch.ones(4), rtol=1e-5, atol=0)
+
+
+def test_a_call_keeps_no_tensor_alive():
+    w = torch.randn(256, 64) * 5
+    ref = weakref.ref(w)
+    max_norm_(w, 1.0)
+    max_norm_([w, torch.randn(3, 3)], 1.0)
+    del w
+    gc.collect()
+    assert ref() is None
+
+
+def test_the_same_memory_with_a_new_layout_is_planned_anew():
+    base = torch.randn(64, 64) * 5
+    for view in (base, base.t(), base.view(16, 256), base[:32]):
+        x = view.clone() if not view.is_contiguous() else view
+        before = x.clone()
+        max_norm_(x, 1.0)
+        torch.testing.assert_close(x, reference_project(before, 1.0), rtol=1e-5, atol=1e-7)
+
+
+def test_small_tensors_of_mixed_shapes_are_batched_correctly():
+    g = torch.Generator().manual_seed(3)
+    shapes = [(8, 3, 3), (8, 9), (4, 3, 3), (2, 2, 2, 2), (5, 8)] * 4
+    tensors = [torch.randn(s, generator=g) * 4 for s in shapes]
+    before = [t.clone() for t in tensors]
+    for norm_dim in ("per_unit", None, (1, -1)):
+        xs = [t.clone() for t in before]
+        if norm_dim == (1, -1):
+            xs = [x for x in xs if x.dim() >= 3]
+        expected = [reference_project(x.clone(), 1.0, norm_dim) for x in xs]
+        max_norm_(xs, 1.0, norm_dim)
+        for x, e in zip(xs, expected):
+            torch.testing.assert_close(x, e, rtol=1e-5, atol=1e-7)
+    del tensors
