@@ -39,6 +39,7 @@ from helpers import (
     per_param_state,
     roundtrip,
 )
+from reference import same_bits
 
 try:  # PyTorch's own optimizer test database; its module imports expecttest
     from torch.testing._internal.common_optimizers import optim_db
@@ -309,7 +310,7 @@ def test_unconstrained_bit_identical(case: Case, request: pytest.FixtureRequest)
             drive(bare, pa, step, **step_kwargs(case))
             drive(wrapped, pb, step, **step_kwargs(case))
             for i, (a, b) in enumerate(zip(pa, pb)):
-                assert torch.equal(a, b), f"{desc}: step {step}, param {i} differs"
+                assert same_bits(a, b), f"{desc}: step {step}, param {i} differs"
         assert_state_equal(per_param_state(bare, pa), per_param_state(wrapped, pb), desc)
 
 
@@ -334,7 +335,7 @@ def test_constrained_matches_reference(case: Case, request: pytest.FixtureReques
                         scaled += assert_projected(b, a, MAX_NORM)
                         assert_within(b, MAX_NORM)
                     else:
-                        assert torch.equal(a, b), f"{desc}: unconstrained param {i} changed"
+                        assert same_bits(a, b), f"{desc}: unconstrained param {i} changed"
                     a.copy_(b)  # continue both from the projected weights
         assert scaled > 0, f"{desc}: the projection never scaled a slice"
         assert_state_equal(per_param_state(bare, pa), per_param_state(wrapped, pb), desc)
@@ -365,7 +366,7 @@ def test_state_dict_resume(case: Case, request: pytest.FixtureRequest) -> None:
             drive(first, pa, step, **step_kwargs(case))
             drive(resumed, pb, step, **step_kwargs(case))
             for i, (a, b) in enumerate(zip(pa, pb)):
-                assert torch.equal(a, b), f"{desc}: step {step}, param {i} differs"
+                assert same_bits(a, b), f"{desc}: step {step}, param {i} differs"
         for p, c in zip(pb, constrained):
             if c:
                 assert_within(p, MAX_NORM)

@@ -105,7 +105,8 @@ def test_device_matches_the_float64_reference(norm_dim):
     devs = [t.cuda() for t in tensors]
     max_norm_(devs, 2.0, norm_dim)
     for t, d in zip(tensors, devs):
-        torch.testing.assert_close(d.cpu(), reference_project(t, 2.0, norm_dim), rtol=1e-4, atol=1e-6)
+        expected = reference_project(t, 2.0, norm_dim)
+        torch.testing.assert_close(d.cpu(), expected, rtol=1e-4, atol=1e-6)
 
 
 def test_unit_norm_and_error_if_nonfinite_on_the_device():
