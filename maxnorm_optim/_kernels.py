@@ -49,6 +49,7 @@ __all__ = [
     "cpu_generic",
     "cpu_rows",
     "nonfinite_error",
+    "pipeline",
     "sync_free_batch",
     "sync_free_generic",
     "sync_free_rows",
@@ -378,6 +379,21 @@ class Pipeline:
         return g.clamp(min=0.0, max=1.0)
 
 
+_PIPELINES: dict[tuple[MaxNormOptions, torch.dtype], Pipeline] = {}
+
+
+def pipeline(options: MaxNormOptions, dtype: torch.dtype) -> Pipeline:
+    """The `Pipeline` of `options` and `dtype` (kept for the most recent few: it holds
+    only numbers)."""
+    key = (options, dtype)
+    found = _PIPELINES.get(key)
+    if found is None:
+        if len(_PIPELINES) >= 64:
+            _PIPELINES.pop(next(iter(_PIPELINES)))
+        found = _PIPELINES[key] = Pipeline(options, dtype, dtype.is_complex)
+    return found
+
+
 def _power_fits(x: float, p: float, dtype: torch.dtype) -> bool:
     if p == math.inf:
         return True
@@ -512,7 +528,7 @@ def _cpu_scale_over(pipe: Pipeline, store: Tensor, check: Tensor) -> None:
     k, length = store.shape
     p = pipe.p
     own = pipe.check_bound(length)
-    if own <= 2.5e-6 and bool(torch.isfinite(check).all()) and p in (1.0, 2.0, math.inf):
+    if own <= 2.5e-6 and p in (1.0, 2.0, math.inf):
         norms, eps = check.to(torch.float64), own  # short rows: the check is accurate
     elif p != 2.0 and p <= 4 and store.dtype == torch.float32 and k * length <= 1 << 16:
         # few values: float64 accumulation (no power of fp32 values over/underflows it)
@@ -541,14 +557,19 @@ def _cpu_scale_over(pipe: Pipeline, store: Tensor, check: Tensor) -> None:
 
 
 def _cpu_scale(
-    pipe: Pipeline, store: Tensor, check: Tensor, over: Tensor, under: Tensor, prove: bool
+    pipe: Pipeline,
+    store: Tensor,
+    check: Tensor,
+    over: Tensor | None,
+    under: Tensor | None,
+    prove: bool,
 ) -> None:
     """Scale gathered rows (`(k, length)`, all selected) in place, then verify them with
     the checks that do not hold by construction and settle the ones out of bound."""
-    if pipe.plain and not prove and pipe.judges(store.shape[1]) is not None:
-        if bool(over.all()):
-            _cpu_scale_over(pipe, store, check)
-            return
+    if over is None:  # every row over, finite check norms: the short path
+        _cpu_scale_over(pipe, store, check)
+        return
+    assert under is not None
     k, length = store.shape
     norms, eps = num.accurate_norms(store, pipe.p, check)
     every = torch.ones(k, dtype=torch.bool, device=store.device)
@@ -565,12 +586,13 @@ def _cpu_scale(
 
 class _Selection(NamedTuple):
     """The slices the CPU strategy scales: their indices and, for each, its check norm
-    and whether it is over the bound (else under the lower one)."""
+    and whether it is over the bound (else under the lower one); `over` is `None` when
+    all are over and their check norms are finite (the common case)."""
 
     rows: Tensor
     check: Tensor
-    over: Tensor
-    under: Tensor
+    over: Tensor | None
+    under: Tensor | None
 
 
 def _cpu_select(
@@ -595,6 +617,7 @@ def _cpu_select(
     b = pipe.bounds
     if b.lo == 0 and not b.hi <= 2 * num.low_zone(length, pipe.p, pipe.acc):
         idx = (check > num.floor_to(b.hi, check.dtype)).nonzero().squeeze(1)
+        over = None
         if idx.numel():
             picked = check.index_select(0, idx)
             inf = torch.isinf(picked)
@@ -603,12 +626,12 @@ def _cpu_select(
                 keep = torch.ones_like(inf)
                 keep[inf] = torch.isfinite(again) & (again > b.hi)
                 idx, picked = idx[keep], picked[keep]
+                over = torch.ones(idx.numel(), dtype=torch.bool)  # general path: inf checks
         if stats is not None:
             stats.add_counts(idx.numel(), check)
         if idx.numel() == 0:
             return None
-        yes = torch.ones(idx.numel(), dtype=torch.bool)
-        return _Selection(idx, picked, yes, ~yes)
+        return _Selection(idx, picked, over, None if over is None else ~over)
     decision = check.to(torch.float64)
     suspect = pipe.suspects(check, length)
     if bool(suspect.any()):
@@ -653,7 +676,9 @@ def cpu_rows(
         else:
             buf = _POOL.get("gather", source.dtype, source.device, k * length).view(k, length)
         torch.index_select(source, 0, idx, out=buf)
-        _cpu_scale(pipe, buf, chosen.check[part], chosen.over[part], chosen.under[part], False)
+        over = None if chosen.over is None else chosen.over[part]
+        under = None if chosen.under is None else chosen.under[part]
+        _cpu_scale(pipe, buf, chosen.check[part], over, under, False)
         rows.index_copy_(0, idx if index is None else index.index_select(0, idx), buf)
 
 

@@ -23,6 +23,7 @@ $\gamma_k = k u / (1 - k u)$, with `u` the unit roundoff.
 from __future__ import annotations
 
 import math
+import struct
 from typing import NamedTuple
 
 import torch
@@ -46,6 +47,7 @@ __all__ = [
     "make_bounds",
     "pow2",
     "quotient",
+    "real_dtype",
     "reliable",
     "rescaled_bound",
     "rescaled_norms",
@@ -69,17 +71,30 @@ def check_dtype(dtype: torch.dtype) -> torch.dtype | None:
     return torch.float32 if dtype in _HALF else None
 
 
+_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+_ROUNDOFF = {
+    d: torch.finfo(d).eps / 2 for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype of `dtype` (itself for real dtypes)."""
+    return _REAL.get(dtype, dtype)
+
+
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """The real dtype scaled values are computed in: fp32 for fp16/bf16, else the real
     dtype of `dtype` (complex values are scaled through `torch.view_as_real`)."""
     if dtype in _HALF:
         return torch.float32
-    return torch.empty((), dtype=dtype).real.dtype
+    return real_dtype(dtype)
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
     """`u = eps / 2` of the real dtype of `dtype`."""
-    return torch.finfo(torch.empty((), dtype=dtype).real.dtype).eps / 2
+    real = real_dtype(dtype)
+    found = _ROUNDOFF.get(real)
+    return found if found is not None else torch.finfo(real).eps / 2
 
 
 def gamma(n: float, u: float) -> float:
@@ -92,12 +107,24 @@ def floor_to(x: float, dtype: torch.dtype) -> float:
     """The largest value of `dtype` that is `<= x`: for `n` of that dtype, `n > x`
     (exactly) is `n > floor_to(x, dtype)` computed in the dtype, with no rounding of
     `x` in the comparison."""
-    if not math.isfinite(x):
+    if not math.isfinite(x) or dtype == torch.float64:
         return x
-    t = torch.tensor(x, dtype=dtype)
-    if float(t) > x:
-        t = torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype))
-    return float(t)
+    if dtype != torch.float32:
+        t = torch.tensor(x, dtype=dtype)
+        if float(t) > x:
+            t = torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype))
+        return float(t)
+    # fp32 through its bits: no tensor, no device
+    if abs(x) >= 3.4028234663852886e38:
+        return math.copysign(3.4028234663852886e38, x) if x > 0 else -math.inf
+    (bits,) = struct.unpack("<I", struct.pack("<f", x))
+    (near,) = struct.unpack("<f", struct.pack("<I", bits))
+    if near > x:  # rounded up: step one fp32 value down
+        bits = bits - 1 if near > 0 else bits + 1
+        if near == 0.0:  # +0.0 rounded up from a negative x below the smallest subnormal
+            bits = 0x80000001
+        (near,) = struct.unpack("<f", struct.pack("<I", bits))
+    return near
 
 
 def check_norms(x: Tensor, p: float, dim: int | tuple[int, ...] | None, keepdim: bool = False):
@@ -205,17 +232,20 @@ def accurate_norms(
         if length == 0:
             return x.new_zeros(rows, dtype=torch.float64), 0.0
         return x.abs().amax(dim=1).to(torch.float64), 0.0
-    acc = check_dtype(dtype) or torch.empty((), dtype=dtype).real.dtype
-    own = error_bound(length, p, dtype, x.is_complex(), _scale(check))
+    acc = check_dtype(dtype) or real_dtype(dtype)
+    general = p not in (1.0, 2.0, math.inf)  # only their error depends on magnitudes
+    own = error_bound(length, p, dtype, x.is_complex(), _scale(check) if general else 1.0)
+    top = torch.finfo(acc).max  # an inf check norm (overflow) is re-measured below
     if check is not None and own <= 2.5e-6:
         norms, eps = check.to(torch.float64), own
     elif check is not None and p == 2.0 and x.dtype in (torch.float32, *_HALF):
         norms, eps = blocked_norms(x), blocked_bound()
-        # Squares of blocks stay in range where the whole row's norm is at most 2^62.
-        check = torch.where(check <= 2.0**62, check, torch.full_like(check, math.inf))
+        top = 2.0**62  # squares of blocks stay in range where the row's norm is below it
     else:
         return rescaled_norms(x, p), rescaled_bound(length, p, x.is_complex())
-    odd = ~reliable(check, length, p, acc)
+    # Rows whose check norm over- or underflowed (or is too large for the blocks).
+    low = low_zone(length, p, acc)
+    odd = ~((check >= low) & (check <= top)) if low > 0 else ~(check <= top)
     if bool(odd.any()):
         idx = odd.nonzero().squeeze(1)
         norms[idx] = rescaled_norms(x.index_select(0, idx), p)

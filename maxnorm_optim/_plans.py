@@ -199,7 +199,11 @@ def make_plan(
         else:
             rows.append((i, count))
     batches: list[BatchRecipe] = []
+    for group in [m for m in small.values() if len(m) == 1]:
+        rows.append((group[0][0], group[0][1]))  # alone: no copy into a batch
     for (_, device, as_is, _), members in small.items():
+        if len(members) == 1:
+            continue
         length = members[0][2] // members[0][1]
         chunk: list[tuple[int, int, int]] = []
         size = 0
@@ -262,13 +266,8 @@ def project_dense_(
     `options`)."""
     check_nonfinite = options.error_if_nonfinite
     bound = plan.bind(tensors)
-    pipes: dict[tuple[torch.dtype, bool], kn.Pipeline] = {}
-
     def pipe_for(t: Tensor) -> kn.Pipeline:
-        key = (t.dtype, t.is_complex())
-        if key not in pipes:
-            pipes[key] = kn.Pipeline(options, t.dtype, t.is_complex())
-        return pipes[key]
+        return kn.pipeline(options, t.dtype)
 
     for i, sel in bound.selected.items():
         assert rows is not None
