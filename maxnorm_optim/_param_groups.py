@@ -379,10 +379,11 @@ def max_norm_param_groups(
         max_norm: the bound for every constrained layer that no override covers;
             `None` constrains only the layers that an override gives a `max_norm`.
         overrides: per-layer options, by module-name pattern or module type (see above).
-        norm_type: p of the p-norm, as for `MaxNormWrapper`.
-        min_norm: lower bound, as for `MaxNormWrapper`.
-        rate: fraction of the way to the bound, as for `MaxNormWrapper`.
-        error_if_nonfinite: as for `MaxNormWrapper`.
+        norm_type: $p$ of the p-norm, as for [`MaxNormWrapper`][maxnorm_optim.MaxNormWrapper].
+        min_norm: lower bound, as for [`MaxNormWrapper`][maxnorm_optim.MaxNormWrapper].
+        rate: fraction of the way to the bound, as for
+            [`MaxNormWrapper`][maxnorm_optim.MaxNormWrapper].
+        error_if_nonfinite: as for [`MaxNormWrapper`][maxnorm_optim.MaxNormWrapper].
 
     Returns:
         Param-group dicts for any `torch.optim.Optimizer` and for `MaxNormWrapper`,

@@ -158,7 +158,7 @@ def max_norm_(
             the whole tensor; default `"per_unit"`: every dim but dim 0 of tensors with
             two or more dims (tensors with fewer are left unchanged).
         norm_type: $p$ of the p-norm, `>= 1` or `math.inf`. Default: 2.
-        min_norm: lower bound; slices with $0 < n < c_{min}$ are scaled up. Default: 0.
+        min_norm: lower bound; slices with $0 < n < c_{\min}$ are scaled up. Default: 0.
         rate: move only this share of the way to the bound (Keras `MinMaxNorm`),
             `0 < rate <= 1`. Default: 1.
         error_if_nonfinite: raise if a slice holds NaN or inf, before anything is

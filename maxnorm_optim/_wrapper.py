@@ -102,7 +102,7 @@ class MaxNormWrapper(Optimizer):
             tensors with two or more dims (one norm per output unit of a `Linear`,
             `Conv` or `Embedding` weight); biases and other 1-d tensors are left alone.
         norm_type: $p$ of the p-norm, `>= 1` or `math.inf`. Default: 2.
-        min_norm: lower bound; slices with $0 < n < c_{min}$ are scaled up. Default: 0.
+        min_norm: lower bound; slices with $0 < n < c_{\min}$ are scaled up. Default: 0.
         rate: the share of the way to the bound a slice is moved (Keras `MinMaxNorm`).
             Default: 1.
         error_if_nonfinite: raise `RuntimeError` naming the parameter when a slice holds
@@ -286,6 +286,7 @@ class MaxNormWrapper(Optimizer):
         self.optimizer.add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """The wrapped optimizer's `zero_grad` (`set_to_none` passed on)."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
