@@ -109,7 +109,8 @@ def _max(flat: Tensor, mesh: Any, reduced: tuple[int, ...]) -> Tensor:
 
 
 class _Member:
-    """One sharded parameter: its local shard, seen as `(local slices, local length)`."""
+    """One sharded parameter's local shard. Per-slice values are flat, in the order of
+    the slices of `moved` (the shard with the normed dims last)."""
 
     def __init__(self, t: DTensor, dims: tuple[int, ...], name: str) -> None:
         self.local = t.to_local()
@@ -121,23 +122,83 @@ class _Member:
         self.local_length = math.prod(self.local.shape[d] for d in dims)
         self.moved = self.local.permute(*self.keep, *dims)
         self.count = math.prod(self.local.shape[d] for d in self.keep)
+        order = (*self.keep, *dims)
+        self.inverse = tuple(order.index(d) for d in range(self.local.dim()))
+        try:  # a `(slices, local length)` view, where the layout allows one
+            self.flat: Tensor | None = self.moved.view(self.count, self.local_length)
+        except RuntimeError:
+            self.flat = None
+
+    def flatten(self, x: Tensor) -> Tensor:
+        """Per-slice values computed with `keepdim=True` on the shard, flat."""
+        return x.permute(*self.keep, *self.dims).reshape(-1)
+
+    def broadcast(self, v: Tensor) -> Tensor:
+        """Flat per-slice values, shaped to broadcast against the shard."""
+        shape = (*(self.moved.shape[: len(self.keep)]), *([1] * len(self.dims)))
+        return v.view(shape).permute(*self.inverse)
 
     def local_norms(self, p: float) -> Tensor:
         """This rank's check norms of its parts of the slices (what DTensor reduces)."""
         if self.local_length == 0:  # an empty shard (vector_norm refuses p = inf there)
             acc = num.work_dtype(self.dtype)
             return torch.zeros(self.count, dtype=acc, device=self.local.device)
-        local = num.check_norms(self.local, p, self.dims, keepdim=True)
-        return local.permute(*self.keep, *self.dims).reshape(-1)
+        return self.flatten(num.check_norms(self.local, p, self.dims, keepdim=True))
 
-    def rows(self) -> Tensor:
-        """The local parts as `(slices, local length)`: a view where the layout allows,
-        else a copy (written back by `write`)."""
-        return self.moved.reshape(self.count, self.local_length)
+    def magnitudes(self, pick: Tensor | None) -> Tensor:
+        """`|x|` in float64 of the slices `pick` as `(k, local length)`, or (`None`)
+        of the whole shard in its own layout."""
+        x = self.local if pick is None else self.take(pick)
+        if x.is_complex():
+            return x.to(torch.complex128).abs()
+        return x.abs().to(torch.float64)  # |x| is exact in any real dtype
 
-    def write(self, rows: Tensor) -> None:
-        if rows.data_ptr() != self.local.data_ptr() or not self.local.is_contiguous():
-            self.moved.copy_(rows.view(self.moved.shape))
+    def reduce(self, x: Tensor, pick: Tensor | None, op: str) -> Tensor:
+        """Flat per-slice `sum` or `amax` of what `magnitudes(pick)` returned."""
+        if pick is not None:
+            if op == "sum":
+                return x.sum(dim=1)
+            return x.amax(dim=1) if x.shape[1] else x.new_zeros(x.shape[0])
+        if self.local_length == 0:
+            return x.new_zeros(self.count)
+        if op == "sum":
+            return self.flatten(x.sum(dim=self.dims, keepdim=True))
+        return self.flatten(x.amax(dim=self.dims, keepdim=True))
+
+    def _at(self, idx: Tensor) -> tuple[Tensor, ...]:
+        return torch.unravel_index(idx, tuple(self.moved.shape[: len(self.keep)]))
+
+    def take(self, idx: Tensor) -> Tensor:
+        """The local parts of the slices `idx`, gathered as `(k, local length)`."""
+        if self.flat is not None:
+            return self.flat.index_select(0, idx)
+        if not self.keep:  # one slice: the whole shard
+            return self.moved.reshape(1, self.local_length)[: idx.numel()].clone()
+        return self.moved[self._at(idx)].reshape(idx.numel(), self.local_length)
+
+    def put(self, idx: Tensor, rows: Tensor) -> None:
+        """Write back what `take(idx)` returned."""
+        if self.flat is not None:
+            self.flat.index_copy_(0, idx, rows)
+        elif not self.keep:
+            if idx.numel():
+                self.moved.copy_(rows.view(self.moved.shape))
+        else:
+            shape = (idx.numel(), *self.moved.shape[len(self.keep) :])
+            self.moved.index_put_(self._at(idx), rows.view(shape))
+
+    def scale(self, chosen: Tensor, factors: num.Factors, pipe: kn.Pipeline) -> None:
+        """Scale the slices `chosen` by `factors` in the shard's own layout, every other
+        slice keeping its bits (`torch.where`, no multiplication by 1), without syncs."""
+        first, second = num.split_factors(factors, pipe.work)
+        view = torch.view_as_real(self.local) if self.local.is_complex() else self.local
+        extra = (1,) * (view.dim() - self.local.dim())  # the (re, im) dim of complex
+
+        def spread(v: Tensor) -> Tensor:
+            return self.broadcast(v).reshape(*self.broadcast(v).shape, *extra)
+
+        scaled = (view.to(pipe.work) * spread(first)) * spread(second)
+        view.copy_(torch.where(spread(chosen), scaled.to(view.dtype), view))
 
 
 def project_dtensors_(
@@ -279,40 +340,108 @@ class _Group:
         return self.pipes[m.dtype]
 
 
-def _check_norms(g: _Group) -> Tensor:
-    """The check norms of every slice of the group, replicated (one all-reduce)."""
-    parts = torch.cat([m.local_norms(g.p) for m in g.members])
+def _check_norms(g: _Group, picks: list[Tensor | None]) -> Tensor:
+    """The check norms of the slices `picks` of each member (`None`: every slice),
+    concatenated and replicated: one all-reduce. Each rank's local norms are those of
+    its whole shard (what DTensor computes), then picked."""
+    parts = []
+    for m, pick in zip(g.members, picks):
+        if pick is not None and pick.numel() == 0:  # nothing to reduce (all in bound)
+            acc = num.work_dtype(m.dtype)
+            parts.append(torch.zeros(0, dtype=acc, device=m.local.device))
+            continue
+        local = m.local_norms(g.p)
+        parts.append(local if pick is None else local.index_select(0, pick))
+    flat = torch.cat(parts)
     if g.p == _INF:
-        return _max(parts, g.mesh, g.reduced)
-    return _reduce(parts**g.p, g.mesh, g.reduced, Partial("sum")) ** (1.0 / g.p)
+        return _max(flat, g.mesh, g.reduced)
+    return _reduce(flat**g.p, g.mesh, g.reduced, Partial("sum")) ** (1.0 / g.p)
 
 
-def _accurate(g: _Group, check: Tensor) -> tuple[Tensor, float]:
-    """float64 norms of the group's slices with a proven relative error bound."""
+def _power(x: Tensor, p: float) -> Tensor:
+    """`x ** p` of float64 magnitudes (`x * x`, exact for fp32 values, for p = 2)."""
+    if p == 1.0:
+        return x
+    return x * x if p == 2.0 else x.pow(p)
+
+
+def _accurate(g: _Group, picks: list[Tensor | None]) -> tuple[Tensor, float]:
+    """float64 norms, with a proven relative error bound, of the slices `picks` of each
+    member (`None`: every slice), concatenated (one all-reduce, two when rescaled)."""
     length = max(m.length for m in g.members)
-    if g.p == _INF and not g.complex:
-        return check.to(torch.float64), 0.0  # a max is exact: the check norms are
     u64 = num.unit_roundoff(torch.float64)
     fp64 = any(m.dtype in (torch.float64, torch.complex128) for m in g.members)
-    wide = [m.rows().to(torch.complex128 if g.complex else torch.float64).abs() for m in g.members]
+    mags = [m.magnitudes(pick) for m, pick in zip(g.members, picks)]
     if not g.complex and not fp64 and g.p <= 4:
         # fp32/fp16/bf16 values to a power p <= 4 neither over- nor underflow float64.
-        sums = [w.pow(g.p).sum(dim=1) for w in wide]
+        sums = [m.reduce(_power(x, g.p), pick, "sum") for m, x, pick in zip(g.members, mags, picks)]
         total = _reduce(torch.cat(sums), g.mesh, g.reduced, Partial("sum"))
         return total ** (1.0 / g.p), 1.01 * (num.gamma(length + 8, u64) / g.p + 8 * u64)
     # Divided by the slice's largest magnitude (the largest term is then exactly 1), so
     # that no |x|^p over- or underflows, whatever p.
-    tops = [w.amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0]) for w in wide]
+    tops = [m.reduce(x, pick, "amax") for m, x, pick in zip(g.members, mags, picks)]
     top = _max(torch.cat(tops), g.mesh, g.reduced)
     eps = num.rescaled_bound(length, g.p, g.complex) + 4 * u64
     if g.p == _INF:
         return top, eps
     finite = torch.isfinite(top) & (top > 0)
-    safe = torch.where(finite, top, torch.ones_like(top)).split(g.sizes)
-    sums = [(w / s.unsqueeze(1)).pow(g.p).sum(dim=1) for w, s in zip(wide, safe)]
+    safe = torch.where(finite, top, torch.ones_like(top)).split([t.numel() for t in tops])
+    sums = []
+    for m, x, pick, s in zip(g.members, mags, picks, safe):
+        div = s.unsqueeze(1) if pick is not None else m.broadcast(s)
+        sums.append(m.reduce(_power(x / div, g.p), pick, "sum"))
     total = _reduce(torch.cat(sums), g.mesh, g.reduced, Partial("sum")) ** (1.0 / g.p)
     # Slices of zeros, inf or NaN (as inf) keep their largest magnitude as the norm.
     return torch.where(finite, total * top, top), eps
+
+
+def _spread(values: Tensor, picks: list[Tensor | None], fills: Sequence[Tensor]) -> list[Tensor]:
+    """Per member, `fills` with the picked slices set from `values` (concatenated)."""
+    sizes = [f.shape[0] if pick is None else pick.numel() for f, pick in zip(fills, picks)]
+    out = []
+    for part, pick, fill in zip(values.split(sizes), picks, fills):
+        out.append(part if pick is None else fill.index_copy(0, pick, part))
+    return out
+
+
+def _classify(
+    pipe: kn.Pipeline, decision: Tensor, slack: float, skip: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`Pipeline.classify`; where DTensor's check may read up to `slack` from ours:
+    over where it may be over, under where it may be under."""
+    over, under, nonfinite, selected = pipe.classify(decision, skip)
+    if slack:
+        high = pipe.classify(decision * (1 + slack), skip)
+        low = pipe.classify(decision / (1 + slack), skip)
+        over, under = high[0], low[1] & ~high[0]
+        selected = (high[3] & over) | (low[3] & under)
+    return over, under, nonfinite, selected
+
+
+def _few(chosen: Tensor, count: int, cpu: bool) -> Tensor | None:
+    """The slices to gather, on CPU where at most a quarter are chosen; else `None`:
+    work on the whole shard. `chosen` is the same on every rank that shares the slices
+    (it follows from reduced norms), and so is this choice."""
+    if not cpu:
+        return None
+    idx = chosen.nonzero().squeeze(1)
+    return idx if idx.numel() * 4 <= count else None
+
+
+def _scale(m: _Member, pipe: kn.Pipeline, chosen: Tensor, factors: num.Factors, cpu: bool) -> None:
+    """Scale the slices `chosen` of `m` by `factors`, every other slice keeping its
+    bits: few on CPU are gathered, scaled and written back; else the whole shard."""
+    idx = _few(chosen, m.count, cpu)
+    if idx is None:
+        m.scale(chosen, factors, pipe)
+        return
+    if idx.numel() == 0:
+        return
+    rows = m.take(idx)
+    every = torch.ones(idx.numel(), dtype=torch.bool, device=rows.device)
+    picked = num.Factors(factors.mant.index_select(0, idx), factors.exp.index_select(0, idx))
+    kn.where_scale_(rows, every, picked, pipe)
+    m.put(idx, rows)
 
 
 def _project_sharded(
@@ -324,24 +453,29 @@ def _project_sharded(
     skip: Tensor | None,
 ) -> None:
     g = _Group(members, mesh, reduced, options)
+    # On CPU, reading which slices to treat is free: where they are few, the accurate
+    # norms and the verification reduce only those, and only those are gathered and
+    # scaled; elsewhere every slice, without host syncs. The number of collectives is
+    # the same either way.
     cpu = members[0].local.device.type == "cpu"
-    # 1-2. reduced norms; the same on every rank
-    check = _check_norms(g)
-    accurate, eps = _accurate(g, check)
-    checks, accurates = check.split(g.sizes), accurate.split(g.sizes)
+    every: list[Tensor | None] = [None] * len(members)
+    # 1. check norms, the same on every rank
+    checks = [c.to(torch.float64) for c in _check_norms(g, every).split(g.sizes)]
+    pipes = [g.pipe(m) for m in members]
+    # 2. accurate norms where the check over- or underflowed, or selects the slice
+    if g.p == _INF and not g.complex:
+        accurates, eps = checks, 0.0  # a max is exact: the check norms are accurate
+    else:
+        picks: list[Tensor | None] = []
+        for m, pipe, c, length, slack in zip(members, pipes, checks, g.lengths, g.order_slack):
+            needed = pipe.suspects(c, length) | _classify(pipe, c, slack, None)[3]
+            picks.append(_few(needed, m.count, cpu))
+        values, eps = _accurate(g, picks)
+        accurates = _spread(values, picks, checks)
     classes = []
-    for m, c, a, length, slack in zip(members, checks, accurates, g.lengths, g.order_slack):
-        pipe = g.pipe(m)
-        decision = torch.where(pipe.suspects(c, length), a, c.to(torch.float64))
-        over, under, nonfinite, selected = pipe.classify(decision, skip)
-        if slack:
-            # DTensor's check may read up to `slack` above ours: over where it may be
-            # over, under where it may be under.
-            high = pipe.classify(decision * (1 + slack), skip)
-            low = pipe.classify(decision / (1 + slack), skip)
-            over, under = high[0], low[1] & ~high[0]
-            selected = (high[3] & over) | (low[3] & under)
-        classes.append((decision, over, under, nonfinite, selected))
+    for pipe, c, a, length, slack in zip(pipes, checks, accurates, g.lengths, g.order_slack):
+        decision = torch.where(pipe.suspects(c, length), a, c)
+        classes.append((decision, *_classify(pipe, decision, slack, skip)))
     if options.error_if_nonfinite:  # every rank sees the same norms: all raise alike
         for m, (_, _, _, nonfinite, _) in zip(members, classes):
             if bool(nonfinite.any()):
@@ -349,43 +483,42 @@ def _project_sharded(
     if stats is not None:
         stats.add(torch.cat([k[4] for k in classes]), torch.cat([k[0] for k in classes]))
     # 3. factors, applied to the local parts
-    verify = [g.pipe(m).verifies(length, eps, prove=False) for m, length in zip(members, g.lengths)]
+    verify = [pipe.verifies(length, eps, prove=False) for pipe, length in zip(pipes, g.lengths)]
     planned: list[num.Factors] = []
-    for i, (m, c, a, length, (_, over, under, _, selected), (same, _)) in enumerate(
-        zip(members, checks, accurates, g.lengths, classes, verify)
-    ):
-        pipe = g.pipe(m)
+    for i, m in enumerate(members):
+        pipe, length, (same, _) = pipes[i], g.lengths[i], verify[i]
+        _, over, under, _, selected = classes[i]
         below, above = pipe.margins(length, eps, prove=False)
         margins = (below + g.order_slack[i], above)  # so that a second call keeps it
-        factors = pipe.factors(a, over, under, selected, margins, c if same else None, length)
+        aim = checks[i] if same else None
+        factors = pipe.factors(accurates[i], over, under, selected, margins, aim, length)
         planned.append(factors)
-        if cpu and not bool(selected.any()):
-            continue  # nothing to write here (free to know on CPU)
-        rows = m.rows()
-        kn.where_scale_(rows, selected, factors, pipe)
-        m.write(rows)
+        _scale(m, pipe, selected, factors, cpu)
     # 4. verify where the check is not proven, then a provably sufficient shrink
     if not any(same or wide for same, wide in verify):
         return
-    judged = [g.pipe(m).judges(length) for m, length in zip(members, g.lengths)]
+    judged = [pipe.judges(length) for pipe, length in zip(pipes, g.lengths)]
     by_check = [same or (wide and j) for (same, wide), j in zip(verify, judged)]
-    again = _check_norms(g).split(g.sizes) if any(by_check) else None
+    again: list[Tensor] | None = None
+    if any(by_check):
+        chosen = [_few(k[4], m.count, cpu) for k, m in zip(classes, members)]
+        unknown = [torch.full_like(c, -_INF) for c in checks]
+        again = _spread(_check_norms(g, chosen).to(torch.float64), chosen, unknown)
     for i, m in enumerate(members):
         same, wide = verify[i]
         if not (same or wide):
             continue
-        pipe, length = g.pipe(m), g.lengths[i]
+        pipe, length = pipes[i], g.lengths[i]
         selected = classes[i][4]
         f64 = num.error_bound(length, g.p, torch.float64, g.complex, pipe.bounds.hi)
         upper = torch.full_like(accurates[i], -_INF)
         if by_check[i]:
             assert again is not None
-            now = again[i].to(torch.float64)
             if same:  # the user's check (up to the ranks' order of addition)
-                upper = now * (1 + g.order_slack[i])
+                upper = again[i] * (1 + g.order_slack[i])
             if wide:  # a proven upper bound of the float64 norm, from the check
                 beta = pipe.check_bound(length)
-                upper = torch.maximum(upper, now / (1 - beta) * (1 + f64))
+                upper = torch.maximum(upper, again[i] / (1 - beta) * (1 + f64))
         if wide and not judged[i]:
             # No check to judge by (hi^p overflows it): the float64 norm after scaling,
             # bounded from the accurate norms, the factors and the roundings.
@@ -394,9 +527,5 @@ def _project_sharded(
             rounding = (1 + pipe.u_work) ** 3 * (1 + pipe.u_store) * (1 + f64)
             upper = torch.maximum(upper, scaled / (1 - eps) * rounding)
         fail = selected & (upper > pipe.bounds.hi)
-        if cpu and not bool(fail.any()):
-            continue
         shrink = torch.where(fail, pipe.safe_shrink(upper, length), torch.ones_like(upper))
-        rows = m.rows()
-        kn.where_scale_(rows, fail, shrink, pipe)
-        m.write(rows)
+        _scale(m, pipe, fail, num.factors_of(shrink), cpu)

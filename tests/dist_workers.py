@@ -184,11 +184,12 @@ def _sweep(rank: int, world: int) -> None:
     shapes = [(5, 3), (3, 5), (1, 4), (4, 3, 2, 2), (5,), (4, 70)]
     placements = [Shard(0), Shard(1), Replicate()]
     norm_dims = ["per_unit", 0, 1, -1, None, (0, 2)]
-    cases = [(torch.float32, p) for p in (1.0, 2.0, math.inf, 3.0)]
-    cases += [(torch.float64, 2.0), (torch.float32, 5.0), (torch.bfloat16, 2.0)]
-    c = 1.5
+    cases = [(torch.float32, p, 1.5) for p in (1.0, 2.0, math.inf, 3.0)]
+    cases += [(torch.float64, 2.0, 1.5), (torch.float32, 5.0, 1.5), (torch.bfloat16, 2.0, 1.5)]
+    # a bound that few short slices exceed: those are gathered, scaled and written back
+    cases += [(torch.float32, 2.0, 5.0), (torch.float64, 3.0, 5.0), (torch.float32, 1.0, 8.0)]
     scaled_total = 0
-    for dtype, p in cases:
+    for dtype, p, c in cases:
         for norm_dim in norm_dims:
             torch.manual_seed(int(p) if p != math.inf else 7)
             fulls, dts, pls = [], [], []
@@ -202,7 +203,7 @@ def _sweep(rank: int, world: int) -> None:
                     fulls.append(full)
                     dts.append(_distribute(full, mesh, [pl]))
                     pls.append(pl)
-            what = f"{dtype} p={p} norm_dim={norm_dim}"
+            what = f"{dtype} p={p} c={c} norm_dim={norm_dim}"
             befores = [
                 _user_check(d, norm_dim, p)
                 if reference_dims(norm_dim, d.dim()) != SKIP
@@ -357,7 +358,7 @@ def _check_is_dtensors(rank: int, world: int) -> None:
             members = [_dtensor._Member(d, dims, "x") for d, (_, _, dims) in zip(dts, specs)]
             group = _dtensor._Group(members, mesh, (0,), opts)
             assert group.order_slack == [0.0] * len(members), group.order_slack
-            ours = _dtensor._check_norms(group).split(group.sizes)
+            ours = _dtensor._check_norms(group, [None] * len(members)).split(group.sizes)
             for d, (_, _, dims), m, got in zip(dts, specs, members, ours):
                 user = torch.linalg.vector_norm(d, p, dim=dims, keepdim=True, dtype=_acc(dtype))
                 # the sharded dim is normed: every rank holds every slice's norm
