@@ -283,10 +283,14 @@ def _counts_table(rank: int, world: int) -> None:
         ("fp64 p=2", [(short, torch.float64), (long, torch.float64)], 2.0, {}, 3),
         ("fp32 p=5 short", [(short, torch.float32)], 5.0, {}, 3),
         ("fp32 p=5 long", [(long, torch.float32)], 5.0, {}, 4),
-        ("complex64 p=2", [(short, torch.complex64)], 2.0, {}, 3),
+        ("complex64 p=2 short", [(short, torch.complex64)], 2.0, {}, 3),
+        ("complex64 p=2 long", [(long, torch.complex64)], 2.0, {}, 4),
+        ("complex128 p=2 long", [(long, torch.complex128)], 2.0, {}, 3),
+        ("complex64 p=inf", [(short, torch.complex64)], math.inf, {}, 2),
         # fp16/bf16: the check is always verified; fp32 and bf16 share the collectives
         ("bf16 p=2", [(short, torch.bfloat16)], 2.0, {}, 3),
         ("bf16 + fp32", [(short, torch.bfloat16), (short, torch.float32)], 2.0, {}, 3),
+        ("bf16 p=5", [(short, torch.bfloat16)], 5.0, {}, 4),
         ("bf16 c^2 > fp32 max", [(short, torch.bfloat16)], 2.0, {"scale": 1e20}, 2),
         # min_norm / rate change no count; error_if_nonfinite adds one (per mesh)
         ("min_norm", [(short, torch.float32)], 2.0, {"min_norm": 0.5}, 2),
@@ -303,7 +307,10 @@ def _counts_table(rank: int, world: int) -> None:
             torch.manual_seed(3)
             fulls = []
             for (shape, _, _), dtype in specs:
-                x = torch.randn(shape, dtype=torch.float64) * 3 * scale
+                x = torch.randn(
+                    shape, dtype=torch.complex128 if dtype.is_complex else torch.float64
+                )
+                x = x * 3 * scale
                 if data == "inside":
                     x = x * 1e-3
                 elif data == "zeros":
