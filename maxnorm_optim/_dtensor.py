@@ -473,9 +473,15 @@ def _project_sharded(
         values, eps = _accurate(g, picks)
         accurates = _spread(values, picks, checks)
     classes = []
+    # What is reduced follows from reduced norms only, never from `skip` (a rank's own
+    # view of a skipped step): every rank reduces the same slices.
+    reduce_for: list[Tensor] = []
     for pipe, c, a, length, slack in zip(pipes, checks, accurates, g.lengths, g.order_slack):
         decision = torch.where(pipe.suspects(c, length), a, c)
         classes.append((decision, *_classify(pipe, decision, slack, skip)))
+        reduce_for.append(
+            classes[-1][4] if skip is None else _classify(pipe, decision, slack, None)[3]
+        )
     if options.error_if_nonfinite:  # every rank sees the same norms: all raise alike
         for m, (_, _, _, nonfinite, _) in zip(members, classes):
             if bool(nonfinite.any()):
@@ -501,7 +507,7 @@ def _project_sharded(
     by_check = [same or (wide and j) for (same, wide), j in zip(verify, judged)]
     again: list[Tensor] | None = None
     if any(by_check):
-        chosen = [_few(k[4], m.count, cpu) for k, m in zip(classes, members)]
+        chosen = [_few(r, m.count, cpu) for r, m in zip(reduce_for, members)]
         unknown = [torch.full_like(c, -_INF) for c in checks]
         again = _spread(_check_norms(g, chosen).to(torch.float64), chosen, unknown)
     for i, m in enumerate(members):

@@ -329,6 +329,18 @@ def _counts_table(rank: int, world: int) -> None:
             for f, b, d in zip(fulls, befores, dts):
                 label = f"{what} ({data})"
                 check_projected(f, b, d, c, norm_dim, p, label, judged=scale == 1.0, **opts)
+    # A skip (a step GradScaler skipped) that only one rank sees changes no count.
+    from maxnorm_optim import _dtensor
+    from maxnorm_optim._options import GROUP_DEFAULTS, parse_options
+
+    opts = parse_options("test", {**GROUP_DEFAULTS, "max_norm": 1.0})
+    full = torch.randn(4, 256) * 3
+    for skip in (torch.tensor(rank), torch.tensor(0), torch.tensor(1)):
+        d = _distribute(full, mesh, [Shard(1)])
+        mine = d.to_local().clone()
+        with _count(f"skip={int(skip)} on rank {rank}", 3):
+            _dtensor.project_dtensors_([d], opts, ["w"], None, skip)
+        assert same_bits(d.to_local(), mine) == bool(skip), f"skip={int(skip)}"
     # Local norms cost nothing, next to a group whose norms span the shard.
     torch.manual_seed(4)
     full = torch.randn(6, 5) * 3
