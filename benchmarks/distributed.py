@@ -1,26 +1,30 @@
-"""Projection time and collective count for DTensor parameters (gloo on CPU).
+"""Projection time, collectives and payload for DTensor parameters (gloo on CPU).
 
 Spawns ``world_size`` processes per world size (FileStore rendezvous in a temporary
-directory, no network) and projects a stack of transformer-like weights held as
+directory, no network) and projects a stack of transformer-like fp32 weights held as
 DTensors on a 1-d mesh, in four layouts:
 
 * ``fsdp2 per-unit``: every weight ``Shard(0)``, norm per output unit (dim 1): local;
 * ``fsdp2 dim 0``: every weight ``Shard(0)``, norm over dim 0 (spans the shard);
 * ``tp per-unit``: up-projections ``Shard(0)`` (colwise), down-projections ``Shard(1)``
   (rowwise), norm per output unit: only the rowwise weights span the shard;
-* ``tp per-unit, per-param``: the same, projected the way the library did before
-  ``maxnorm_optim.distributed`` (``vector_norm`` on each DTensor, one collective per
-  parameter), for comparison.
+* ``tp per-unit, per-param``: the same tensors projected one DTensor at a time with
+  DTensor's own ``vector_norm`` (the naive ``w *= min(1, c / ||w||)``), for
+  comparison; it is not exact (it scales to the bound, not inside it) and it scales
+  every slice, in bound or not.
 
-Before every timed call the weights are scaled by 1.05 (untimed) so that slices exceed
-the bound and get written. Reported: median wall time of one projection (the slowest
-rank), collectives per projection (``CommDebugMode``) and the all-reduce payload per
-rank (the partial norms a slice-wise projection has to send: one float32 per slice of
-each weight whose norm spans a shard; not computed for the per-param comparison).
+Each repeat scales the weights by 1.05 (untimed), so that every slice exceeds the
+bound, and times one projection (``scaled``: every slice is scaled and written), then
+times a second one (``in bound``: nothing to scale, the common case in training).
+Reported: median wall time of one projection (the slowest rank), collectives per
+projection and the bytes per rank that those collectives send, for both (counted with
+``CommDebugMode``, the bytes from the tensors handed to each collective; on CPU the
+library reduces the accurate norms and the verification only for the slices it
+scales). Only public APIs are used.
 
 Usage::
 
-    python benchmarks/distributed.py --world-sizes 2 4 --layers 4 --width 512
+    PYTHONPATH=. python benchmarks/distributed.py --world-sizes 2 4 --layers 4 --width 512
 """
 
 from __future__ import annotations
@@ -36,20 +40,32 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor.debug import CommDebugMode
 
 
-def _old_project(tensors: list[Any], c: float, dims: tuple[int, ...]) -> None:
-    """The generic path used for DTensors before: one norm (one collective) per param."""
+class _CommBytes(CommDebugMode):
+    """`CommDebugMode` that also adds up the bytes of the tensors passed to each
+    collective (this rank's payload)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        before = self.get_total_counts()
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.get_total_counts() > before:
+            self.bytes += sum(
+                a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor)
+            )
+        return out
+
+
+def _naive_project(tensors: list[Any], c: float, dims: tuple[int, ...]) -> None:
+    """One DTensor at a time through DTensor's `vector_norm`, as a user would write it."""
     for t in tensors:
         norms = torch.linalg.vector_norm(t, 2.0, dim=dims, keepdim=True)
-        factors = torch.where(norms > c, c / norms, torch.ones_like(norms))
-        t.mul_(factors)
-
-
-def _spans_shard(t: Any, norm_dim: Any) -> bool:
-    """Whether a slice norm of DTensor ``t`` runs over a sharded dim (needs a reduction)."""
-    dims = set(range(1, t.dim())) if norm_dim == "per_unit" else {norm_dim % t.dim()}
-    return any(p.is_shard() and p.dim in dims for p in t.placements)
+        t.mul_(torch.clamp(c / norms, max=1.0))
 
 
 def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: Any) -> None:
@@ -65,7 +81,6 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: An
     )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
-    from torch.distributed.tensor.debug import CommDebugMode
 
     from maxnorm_optim import max_norm_
 
@@ -88,35 +103,38 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: An
     ]
     c = 1.0
     rows = []
-    for name, tensors, norm_dim, old in cases:
+    for name, tensors, norm_dim, naive in cases:
 
-        def project(tensors: list[Any] = tensors, norm_dim: Any = norm_dim, old: bool = old):
-            if old:
-                _old_project(tensors, c, (1,) if norm_dim == "per_unit" else (norm_dim,))
-            else:
-                max_norm_(tensors, c, norm_dim=norm_dim)
-
-        with CommDebugMode() as mode:
-            project()
-        collectives = int(mode.get_total_counts())
-        payload: int | str = "n/a"  # the old path's traffic is whatever DTensor dispatch does
-        for t in [] if old else tensors:
-            payload = payload if isinstance(payload, int) else 0
-            if _spans_shard(t, norm_dim):
-                dims = (1,) if norm_dim == "per_unit" else (norm_dim,)
-                payload += t.to_local().numel() // t.to_local().shape[dims[0]] * 4
-        times = []
-        for _ in range(args.repeats):
+        def project(tensors: list[Any] = tensors, norm_dim: Any = norm_dim, naive: bool = naive):
             with torch.no_grad():
-                for t in tensors:
-                    t.to_local().mul_(1.05)
+                if naive:
+                    _naive_project(tensors, c, (1,) if norm_dim == "per_unit" else (norm_dim,))
+                else:
+                    max_norm_(tensors, c, norm_dim=norm_dim)
+
+        def timed() -> float:
             dist.barrier()
             start = time.perf_counter()
             project()
             elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            times.append(float(elapsed))
-        rows.append((name, statistics.median(times) * 1e3, collectives, payload))
+            return float(elapsed)
+
+        counts = []
+        for _ in range(2):  # every slice out of bound, then every slice in bound
+            with _CommBytes() as mode:
+                project()
+            counts.append((int(mode.get_total_counts()), mode.bytes))
+        scaled, inside = [], []
+        for _ in range(args.repeats):
+            with torch.no_grad():
+                for t in tensors:
+                    t.to_local().mul_(1.05)
+            scaled.append(timed())
+            inside.append(timed())
+        rows.append(
+            (name, statistics.median(scaled) * 1e3, statistics.median(inside) * 1e3, *counts)
+        )
     if rank == 0:
         out.put(rows)
     dist.barrier()
@@ -124,7 +142,7 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: An
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=512)
@@ -136,7 +154,11 @@ def main() -> None:
         f"{args.layers} layers x (({4 * d}, {d}) up + ({d}, {4 * d}) down) fp32 weights, "
         f"{numel / 1e6:.1f} M elements; median of {args.repeats}; torch {torch.__version__}"
     )
-    print(f"{'world':>5}  {'case':<24} {'ms':>8} {'collectives':>12} {'bytes/rank':>11}")
+    print(
+        f"{'':31}{'-- scaled ':-<31} {'-- in bound ':-<31}\n"
+        f"{'world':>5}  {'case':<24} {'ms':>8} {'collectives':>11} {'bytes/rank':>10}  "
+        f"{'ms':>8} {'collectives':>11} {'bytes/rank':>10}"
+    )
     ctx = mp.get_context("spawn")
     for world in args.world_sizes:
         with tempfile.TemporaryDirectory() as tmp:
@@ -147,8 +169,11 @@ def main() -> None:
                 nprocs=world,
                 start_method="spawn",
             )
-            for name, ms, count, payload in queue.get(timeout=60):
-                print(f"{world:>5}  {name:<24} {ms:>8.2f} {count:>12} {payload:>11}")
+            for name, ms, ms_in, (count, payload), (count_in, payload_in) in queue.get(timeout=600):
+                print(
+                    f"{world:>5}  {name:<24} {ms:>8.2f} {count:>11} {payload:>10}  "
+                    f"{ms_in:>8.2f} {count_in:>11} {payload_in:>10}"
+                )
 
 
 if __name__ == "__main__":

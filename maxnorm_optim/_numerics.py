@@ -309,22 +309,18 @@ def blocked_norms(x: Tensor) -> Tensor:
 
 
 def rescaled_norms(x: Tensor, p: float) -> Tensor:
-    """float64 p-norms of the rows of `x`, computed on `x * 2^-e` with `2^e` about the
-    row's largest magnitude (exact), so no power over- or underflows; the result is
-    `2^e` times that (`inf` only where a row holds inf)."""
+    """float64 p-norms of the rows of `x`, computed on `|x| / m` with `m` the row's
+    largest magnitude, so that no power over- or underflows (the largest term is 1,
+    whatever p; a division rounds by at most one float64 ulp); the result is `m` times
+    that (`inf` only where a row holds inf)."""
     wide = x.to(torch.complex128 if x.is_complex() else torch.float64)
     mags = wide.abs()
     if mags.shape[1] == 0:
         return mags.new_zeros(mags.shape[0])
     top = mags.amax(dim=1)
     finite = torch.isfinite(top) & (top > 0)
-    _, exp = torch.frexp(torch.where(finite, top, torch.ones_like(top)))
-    exp = exp.to(torch.float64)
-    # Scale by 2^-exp in two halves: 2^-exp alone may overflow (float64 subnormals).
-    half = torch.floor(exp / 2)
-    scaled = mags * pow2(-half).unsqueeze(1) * pow2(half - exp).unsqueeze(1)
-    norms = torch.linalg.vector_norm(scaled, p, dim=1)
-    norms = norms * pow2(half) * pow2(exp - half)
+    safe = torch.where(finite, top, torch.ones_like(top))
+    norms = torch.linalg.vector_norm(mags / safe.unsqueeze(1), p, dim=1) * safe
     # Zero rows stay 0; rows holding inf or NaN give their own norm (inf or NaN).
     return torch.where(finite, norms, torch.linalg.vector_norm(mags, p, dim=1))
 

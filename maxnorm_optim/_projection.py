@@ -230,9 +230,9 @@ def raise_if_nonfinite(
     options: MaxNormOptions,
     rows: dict[int, Tensor] | None = None,
 ) -> None:
-    """The all-or-nothing check of `error_if_nonfinite`: every dense slice first (for
-    tensors with selected rows, those rows), so that nothing is written when a slice
-    holds NaN or inf. (`DTensor`s check their reduced norms as they are projected.)"""
+    """The all-or-nothing check of `error_if_nonfinite`: every slice first (for tensors
+    with selected rows, those rows), so that nothing is written when a slice holds NaN
+    or inf; for `DTensor`s every rank takes the same decision."""
     p = options.norm_type
     bound = plan.bind(tensors)
     for item in bound.rows:
@@ -250,6 +250,10 @@ def raise_if_nonfinite(
         touched = view if rows is None else view.index_select(0, rows[i])
         if not bool(_finite_slices(touched, p, (1,)).all()):
             raise kn.nonfinite_error(sel.name)
+    if bound.dtensors:  # agreed on by every rank (one all-reduce per mesh)
+        from ._dtensor import raise_if_nonfinite as raise_if_nonfinite_dtensors
+
+        raise_if_nonfinite_dtensors(bound.dtensors)  # type: ignore[arg-type]
 
 
 def _finite_slices(t: Tensor, p: float, dims: tuple[int, ...]) -> Tensor:

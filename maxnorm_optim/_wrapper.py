@@ -484,13 +484,35 @@ class MaxNormWrapper(Optimizer):
         self._project(only_with_grad=True, skip=skip if isinstance(skip, Tensor) else None)
 
     def _all_grads_zero(self) -> bool:
+        """Whether every gradient of a constrained group is zero. With DTensor
+        gradients each rank sees only its shard: the answer is agreed on by all ranks
+        (one all-reduce), so that every rank projects, or none."""
+        nonzero = False
+        dtensors = False
         for group, checked in self._groups:
             if checked.options.active:
                 for p in group["params"]:
                     g = p.grad
-                    if g is not None and bool((g._values() if g.is_sparse else g).any()):
-                        return False
-        return True
+                    if g is None:
+                        continue
+                    if is_dtensor(g):
+                        dtensors = True
+                        g = g.to_local()  # type: ignore[attr-defined]
+                    if g.is_sparse:
+                        g = g._values()
+                    nonzero = nonzero or bool(g.any())
+        if dtensors and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor(float(nonzero), device=self._flag_device())
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            nonzero = bool(flag.item())
+        return not nonzero
+
+    def _flag_device(self) -> torch.device:
+        """Where the process group's collectives run (its backend's device)."""
+        backend = torch.distributed.get_backend()
+        if "nccl" in str(backend) and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     @torch.no_grad()
     def _project(self, only_with_grad: bool, skip: Tensor | None) -> None:

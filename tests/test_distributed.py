@@ -45,16 +45,23 @@ def _run(scenario: str, tmp_path: Path) -> None:
 
 @pytest.mark.timeout(180)
 def test_dtensor_tensor_parallel_ddp_and_ranks_out_of_step(tmp_path: Path) -> None:
-    """Shard(0)/Shard(1)/Replicate DTensors for p in {1, 2, inf} equal the dense
-    projection, with one collective per group only where a norm spans a shard; DDP ranks
-    stay bit-identical and equal a single-process run; a rank without gradients still
-    takes part; a rank that skips step() makes the others fail after the timeout."""
+    """Shard(0)/Shard(1)/Replicate DTensors on 1-d and 2-d meshes, fp32/fp64/bf16,
+    p in {1, 2, 3, 5, inf}, every norm_dim: scaled slices equal the float64 reference
+    and pass ``vector_norm`` of the DTensor (its dtype and float64), in-bound slices are
+    bitwise unchanged, replicas bit-identical; the collectives of a group whose norms
+    span a shard (1 to 4, none where norms are local) are the same on every rank and for
+    any data; error_if_nonfinite raises on every rank and changes nothing; the wrapper
+    over several groups; DDP ranks stay bit-identical and equal a single-process run; a
+    rank without gradients still takes part; a rank that skips step() makes the others
+    fail after the timeout."""
     _run("dtensor_ddp", tmp_path)
 
 
 @pytest.mark.timeout(180)
 def test_fsdp2_training_and_distributed_checkpoint(tmp_path: Path) -> None:
     """FSDP2 MLP and CNN (uneven and empty shards) equal a single-process reference for
-    norms over a local dim and over the sharded dim; a DCP save/resume continues
-    bit-identically; a bare-optimizer checkpoint loads with MaxNormLoadPlanner."""
+    norms over a local dim and over the sharded dim, with the user's check holding after
+    every step; state-dict calls on a fresh wrapper leave the weights bitwise as they
+    are; a DCP save/resume continues bit-identically; a bare-optimizer checkpoint loads
+    with MaxNormLoadPlanner."""
     _run("fsdp2_dcp", tmp_path)
