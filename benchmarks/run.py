@@ -198,6 +198,12 @@ class Bench:
         fam.rearm()
         op()
         worst, over_err, changed, in_bound_changed = 0.0, 0.0, 0, 0
+        # How far under the bound a scaled slice may land: the methods' own rounding
+        # (RTOL), and max_norm_'s aim, which stays under c by about twice a rounded
+        # sum's typical error on long slices (about sqrt(length) fp32 ulps).
+        rtol = RTOL
+        for buf in fam.buffers:
+            rtol = max(rtol, 1e-5 + 4 * math.sqrt(buf.shape[1]) * torch.finfo(buf.dtype).eps)
         for buf, idx, ref in zip(fam.buffers, fam.over, before):
             rows_changed = (buf != ref).any(dim=1)
             mask = torch.zeros(buf.shape[0], dtype=torch.bool, device=buf.device)
@@ -211,7 +217,7 @@ class Bench:
         fam.rearm()
         if not all(torch.equal(b, r) for b, r in zip(fam.buffers, before)):
             raise AssertionError(f"{fam.name}: rearm() does not restore the weights")
-        ok = worst <= MAX_NORM * (1 + RTOL) and in_bound_changed == 0 and over_err <= RTOL
+        ok = worst <= MAX_NORM * (1 + RTOL) and in_bound_changed == 0 and over_err <= rtol
         return {
             "max_norm_after": worst,
             "slices_changed": changed,
