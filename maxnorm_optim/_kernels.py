@@ -63,6 +63,8 @@ GATHER_NUMEL = 1 << 22
 # Tensors of at most this many elements are batched with others of the same slice
 # shape: their norms are computed in one call over a copy in a scratch buffer.
 SMALL_NUMEL = 1 << 16
+# Rows gathered per block on the plain route (2 MiB of fp32: within a core's L2).
+PLAIN_NUMEL = 1 << 19
 # Elements of each scratch buffer (per thread, dtype and device): bounds the extra
 # memory of a projection, whatever the size of the weights.
 SCRATCH_NUMEL = 1 << 20
@@ -221,6 +223,7 @@ class Pipeline:
         hi = self.bounds.hi
         self._fits = math.isfinite(hi) and _power_fits(hi, self.p, self.acc)
         self._bounds: dict[int, float] = {}
+        self._plain: dict[int, _Plain] = {}
         # The common case, with a shorter path on CPU: an upper bound only, exact, on
         # real fp32/fp64 values.
         self.plain = (
@@ -229,6 +232,20 @@ class Pipeline:
             and not complex_
             and dtype in (torch.float32, torch.float64)
         )
+
+    def plain_route(self, length: int, top: float) -> _Plain | None:
+        """The fewest-operation route for rows of `length` all over the bound whose
+        largest check norm is `top` (`pipe.plain` only), or `None` where the general
+        steps are needed: p other than 1, 2 and inf on long fp32 rows, check norms
+        whose blocked squares could overflow, or factors beyond one normal multiply."""
+        if not self.plain:
+            return None
+        route = self._plain.get(length)
+        if route is None:
+            route = self._plain[length] = _plain_route(self, length)
+        if route.kind == "" or not top <= route.top or route.aim / (top * 1.01) < route.tiny:
+            return None
+        return route
 
     def check_bound(self, length: int) -> float:
         """`error_bound` of the check norm of slices of `length` near the bound."""
@@ -394,6 +411,41 @@ def pipeline(options: MaxNormOptions, dtype: torch.dtype) -> Pipeline:
     return found
 
 
+class _Plain(NamedTuple):
+    """Constants of the plain route for one row length: which norms the factors come
+    from (`kind`: "check" where the check norm is accurate enough, "blocked" for fp32
+    p = 2, "" where the route does not apply), the target over each norm (`aim`),
+    whether the scaled rows are verified with the check (`same`), and the largest
+    check norm (`top`) and smallest factor (`tiny`) the route takes."""
+
+    kind: str
+    aim: float
+    same: bool
+    top: float
+    tiny: float
+
+
+def _plain_route(pipe: Pipeline, length: int) -> _Plain:
+    p, dtype = pipe.p, pipe.dtype
+    own = pipe.check_bound(length)
+    tiny = 2.0 ** (-100 if dtype == torch.float32 else -1000)
+    if own <= 2.5e-6 and p in (1.0, 2.0, math.inf):
+        kind, eps, top = "check", own, math.inf  # short rows: the check is accurate
+    elif p == 2.0 and dtype == torch.float32:
+        kind, eps, top = "blocked", num.blocked_bound(), 2.0**62
+    else:
+        return _Plain("", 0.0, False, 0.0, 0.0)
+    margin = pipe.margins(length, eps, False)[0]
+    same = pipe.verifies(length, eps, False)[0]
+    aim = pipe.bounds.hi * (1.0 - margin)
+    if same:
+        # Aim under by a typical rounding error of the check (a sum of `length` terms
+        # errs by about sqrt(length) u), so that the verification passes at once nearly
+        # always; the bound itself rests on the verification, not on this aim.
+        aim /= 1 + min(2 * math.sqrt(length) * num.unit_roundoff(pipe.acc), 1e-3)
+    return _Plain(kind, aim, same, top, tiny)
+
+
 def _power_fits(x: float, p: float, dtype: torch.dtype) -> bool:
     if p == math.inf:
         return True
@@ -524,7 +576,8 @@ def _lift_cpu(pipe: Pipeline, rows: _Gathered, under: Tensor, same: bool, wide: 
 
 def _cpu_scale_over(pipe: Pipeline, store: Tensor, check: Tensor) -> None:
     """`_cpu_scale` for the common case (`pipe.plain`: every row over an upper bound,
-    real fp32/fp64): the same steps with the fewest operations."""
+    real fp32/fp64) where the plain route does not apply: the same steps with fewer
+    operations."""
     k, length = store.shape
     p = pipe.p
     own = pipe.check_bound(length)
@@ -556,6 +609,18 @@ def _cpu_scale_over(pipe: Pipeline, store: Tensor, check: Tensor) -> None:
             _settle_cpu(pipe, rows, True, False)
 
 
+def _cpu_scale_plain(pipe: Pipeline, store: Tensor, check: Tensor, route: _Plain) -> None:
+    """`_cpu_scale` on the plain route (every row over the bound, `pipe.plain_route`):
+    one norm, one multiply, and where the check is not proven, one verification."""
+    if route.kind == "check":
+        norms = check.to(torch.float64, copy=True)
+    else:
+        norms = num.blocked_norms(store)
+    store.mul_(norms.reciprocal_().mul_(route.aim).to(store.dtype).unsqueeze(1))
+    if route.same and float(num.check_norms(store, pipe.p, 1).max()) > pipe.bounds.hi:
+        _settle_cpu(pipe, _Gathered(store), True, False)
+
+
 def _cpu_scale(
     pipe: Pipeline,
     store: Tensor,
@@ -566,9 +631,13 @@ def _cpu_scale(
 ) -> None:
     """Scale gathered rows (`(k, length)`, all selected) in place, then verify them with
     the checks that do not hold by construction and settle the ones out of bound."""
-    if over is None:  # every row over, finite check norms: the short path
-        _cpu_scale_over(pipe, store, check)
-        return
+    if over is None:  # every row over, finite check norms
+        if pipe.plain:  # real fp32/fp64: the short path
+            _cpu_scale_over(pipe, store, check)
+            return
+        # fp16/bf16 and complex: the general steps (the float64 check is verified too)
+        over = torch.ones(store.shape[0], dtype=torch.bool, device=store.device)
+        under = ~over
     assert under is not None
     k, length = store.shape
     norms, eps = num.accurate_norms(store, pipe.p, check)
@@ -593,6 +662,7 @@ class _Selection(NamedTuple):
     check: Tensor
     over: Tensor | None
     under: Tensor | None
+    top: float  # the largest check norm when all are over and finite
 
 
 def _cpu_select(
@@ -617,11 +687,12 @@ def _cpu_select(
     b = pipe.bounds
     if b.lo == 0 and not b.hi <= 2 * num.low_zone(length, pipe.p, pipe.acc):
         idx = (check > num.floor_to(b.hi, check.dtype)).nonzero().squeeze(1)
-        over = None
+        over, top = None, 0.0
         if idx.numel():
             picked = check.index_select(0, idx)
-            inf = torch.isinf(picked)
-            if bool(inf.any()):
+            top = float(picked.max())
+            if top == math.inf:
+                inf = torch.isinf(picked)
                 again = num.rescaled_norms(gather(idx[inf]), pipe.p)
                 keep = torch.ones_like(inf)
                 keep[inf] = torch.isfinite(again) & (again > b.hi)
@@ -631,7 +702,7 @@ def _cpu_select(
             stats.add_counts(idx.numel(), check)
         if idx.numel() == 0:
             return None
-        return _Selection(idx, picked, over, None if over is None else ~over)
+        return _Selection(idx, picked, over, None if over is None else ~over, top)
     decision = check.to(torch.float64)
     suspect = pipe.suspects(check, length)
     if bool(suspect.any()):
@@ -643,7 +714,7 @@ def _cpu_select(
     idx = selected.nonzero().squeeze(1)
     if idx.numel() == 0:
         return None
-    return _Selection(idx, check.index_select(0, idx), over[idx], under[idx])
+    return _Selection(idx, check.index_select(0, idx), over[idx], under[idx], math.inf)
 
 
 def cpu_rows(
@@ -666,7 +737,9 @@ def cpu_rows(
     chosen = _cpu_select(pipe, check, length, lambda i: source.index_select(0, i), skip, stats)
     if chosen is None:
         return
-    step = max(1, GATHER_NUMEL // max(length, 1))
+    route = None if chosen.over is not None else pipe.plain_route(length, chosen.top)
+    # The plain route gathers blocks that stay in a core's cache for its three passes.
+    step = max(1, (PLAIN_NUMEL if route is not None else GATHER_NUMEL) // max(length, 1))
     for start in range(0, chosen.rows.numel(), step):
         part = slice(start, start + step)
         idx = chosen.rows[part]
@@ -678,7 +751,10 @@ def cpu_rows(
         torch.index_select(source, 0, idx, out=buf)
         over = None if chosen.over is None else chosen.over[part]
         under = None if chosen.under is None else chosen.under[part]
-        _cpu_scale(pipe, buf, chosen.check[part], over, under, False)
+        if route is not None:
+            _cpu_scale_plain(pipe, buf, chosen.check[part], route)
+        else:
+            _cpu_scale(pipe, buf, chosen.check[part], over, under, False)
         rows.index_copy_(0, idx if index is None else index.index_select(0, idx), buf)
 
 
@@ -704,7 +780,11 @@ def cpu_batch(
     buf = _POOL.get("gather", first.dtype, first.device, idx.numel() * batch.length)
     buf = buf.view(idx.numel(), batch.length)
     torch.index_select(cat, 0, idx, out=buf)
-    _cpu_scale(pipe, buf, chosen.check, chosen.over, chosen.under, False)
+    route = None if chosen.over is not None else pipe.plain_route(batch.length, chosen.top)
+    if route is not None:
+        _cpu_scale_plain(pipe, buf, chosen.check, route)
+    else:
+        _cpu_scale(pipe, buf, chosen.check, chosen.over, chosen.under, False)
     cat.index_copy_(0, idx, buf)
     touched = batch.owner.index_select(0, idx).unique().tolist()
     if len(touched) * 4 >= len(batch.tensors):
@@ -870,7 +950,10 @@ def sync_free_rows(
     # slices that fail it shrink, and scaled slices it reads below the lower acceptance
     # bound are pushed up where provably safe. With a lower bound, three rounds aim
     # (a few ulps) and the last is provably sufficient; without, only the last.
-    for last in ((False, False, False, True) if lift else (True,)):
+    terms = 2 * length if pipe.complex else length
+    typical = max(8 * pipe.u_work, math.sqrt(terms) * num.unit_roundoff(pipe.acc))
+    cap = (1 - pipe.accept(length) / pipe.bounds.hi) / 4 if pipe.bounds.lo > 0 else 1e-3
+    for round_, last in enumerate((False, False, False, True) if lift else (True,)):
         now = user_check(rows, pipe.p, (1,)).to(torch.float64) if (same or lift) else None
         upper = torch.full_like(decision, -math.inf)
         if same:
@@ -883,7 +966,11 @@ def sync_free_rows(
         if last:
             shrink = pipe.safe_shrink(upper, length)
         else:
-            shrink = (pipe.bounds.hi / upper.clamp(min=1e-300)) * (1 - 8 * pipe.u_work)
+            # a growing share of the check's typical rounding under the bound, so that
+            # a slice whose check rounds unevenly from one scale to the next settles
+            # within the band before the provable (and coarser) last round
+            under_by = min(typical * 4.0**round_, cap)
+            shrink = (pipe.bounds.hi / upper.clamp(min=1e-300)) * (1 - under_by)
         change = torch.where(fail, shrink.clamp(min=0.0, max=1.0), torch.ones_like(upper))
         if lift:
             assert now is not None
