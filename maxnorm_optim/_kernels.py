@@ -621,6 +621,26 @@ def _cpu_scale_plain(pipe: Pipeline, store: Tensor, check: Tensor, route: _Plain
         _settle_cpu(pipe, _Gathered(store), True, False)
 
 
+# A float32 subnormal: `x * 1` flushes it to zero only where the CPU flushes subnormals
+# (`torch.set_flush_denormal(True)`).
+_SUBNORMAL = torch.full((1,), 2.0**-140, dtype=torch.float32)
+
+
+def _multiply_by_one_is_exact(check: Tensor) -> bool:
+    """Whether multiplying rows whose check norms are `check` by exactly 1 leaves every
+    bit of them alone: true unless a row holds NaN (a signaling NaN would be quieted)
+    or subnormals are flushed."""
+    return math.isfinite(float(check.sum())) and float(_SUBNORMAL.mul(1.0)) != 0.0
+
+
+def _in_place_factors(n: int, chosen: _Selection, route: _Plain, dtype: torch.dtype) -> Tensor:
+    """Per-row factors in `dtype` for the plain route's proven "check" kind: those of
+    `_cpu_scale_plain` on the selected rows, exactly 1 elsewhere."""
+    f = torch.ones(n, dtype=torch.float64, device=chosen.check.device)
+    f.index_copy_(0, chosen.rows, chosen.check.to(torch.float64).reciprocal().mul_(route.aim))
+    return f.to(dtype)
+
+
 def _cpu_scale(
     pipe: Pipeline,
     store: Tensor,
@@ -738,6 +758,21 @@ def cpu_rows(
     if chosen is None:
         return
     route = None if chosen.over is not None else pipe.plain_route(length, chosen.top)
+    if (
+        route is not None
+        and route.kind == "check"
+        and not route.same
+        and 4 * chosen.rows.numel() >= source.shape[0]  # gathering costs more from here
+        and _multiply_by_one_is_exact(check)
+    ):
+        # Short rows, the bound proven without verification: one multiply of every row
+        # (by exactly 1 where not selected) instead of a gather and a scatter.
+        factors = _in_place_factors(source.shape[0], chosen, route, source.dtype)
+        if index is None:
+            rows.mul_(factors.unsqueeze(1))
+        else:
+            rows.index_copy_(0, index, source.mul_(factors.unsqueeze(1)))
+        return
     # The plain route gathers blocks that stay in a core's cache for its three passes.
     step = max(1, (PLAIN_NUMEL if route is not None else GATHER_NUMEL) // max(length, 1))
     for start in range(0, chosen.rows.numel(), step):
@@ -776,11 +811,26 @@ def cpu_batch(
     )
     if chosen is None:
         return
+    route = None if chosen.over is not None else pipe.plain_route(batch.length, chosen.top)
+    if (
+        route is not None
+        and route.kind == "check"
+        and not route.same
+        and _multiply_by_one_is_exact(check)
+    ):
+        # Short rows, the bound proven without verification: the tensors holding a
+        # selected row are multiplied in place (by exactly 1 where not selected), in one
+        # foreach call; nothing is gathered or copied back.
+        factors = _in_place_factors(total, chosen, route, first.dtype)
+        parts = factors.view((-1,) + (1,) * (first.dim() - 1)).split(batch.sizes)
+        counts = torch.bincount(batch.owner.index_select(0, chosen.rows), minlength=len(parts))
+        touched = [j for j, k in enumerate(counts.tolist()) if k]
+        torch._foreach_mul_([batch.tensors[j] for j in touched], [parts[j] for j in touched])
+        return
     idx = chosen.rows
     buf = _POOL.get("gather", first.dtype, first.device, idx.numel() * batch.length)
     buf = buf.view(idx.numel(), batch.length)
     torch.index_select(cat, 0, idx, out=buf)
-    route = None if chosen.over is not None else pipe.plain_route(batch.length, chosen.top)
     if route is not None:
         _cpu_scale_plain(pipe, buf, chosen.check, route)
     else:

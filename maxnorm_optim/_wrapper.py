@@ -530,7 +530,11 @@ class MaxNormWrapper(Optimizer):
                 continue
             tensors: list[Tensor] = []
             rows: dict[int, Tensor] = {}
+            seen: set[int] = set()
             for p in group["params"]:
+                if id(p) in seen:  # listed twice (torch.optim warns): projected once
+                    continue
+                seen.add(id(p))
                 grad = p.grad
                 if grad is None:
                     # DTensors are projected by group membership (see step()).
@@ -540,7 +544,7 @@ class MaxNormWrapper(Optimizer):
                     rows[len(tensors)] = grad.coalesce().indices()[0]
                 tensors.append(p)
             work.append((i, group, options, tensors, rows))
-            if len(tensors) == len(group["params"]) and not rows:
+            if len(tensors) == len(seen) and not rows:
                 self._full[i] = checked.layout
         # error_if_nonfinite is all-or-nothing: every check before any slice is scaled.
         for item in work:

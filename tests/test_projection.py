@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import weakref
 
+import pytest
 import torch
 
 from maxnorm_optim import max_norm_
@@ -55,3 +56,22 @@ def test_small_tensors_of_mixed_shapes_are_batched_correctly():
         for x, e in zip(xs, expected):
             torch.testing.assert_close(x, e, rtol=1e-5, atol=1e-7)
     del tensors
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_rows_left_alone_keep_their_bits_when_subnormals_are_flushed(batched):
+    """Short rows are scaled by one multiply of whole tensors (by exactly 1 where in
+    bound) only where that is exact: not while the CPU flushes subnormals."""
+    w = torch.full((8, 16), 1.0)
+    w[::2] = 2.0**-140  # in bound, subnormal (fp32)
+    w[1::2] *= 3.0  # over the bound
+    tensors = [w] + ([torch.full((8, 16), 0.1)] if batched else [])
+    before = w.clone()
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        max_norm_(tensors, 1.0)
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(w[::2].view(torch.int32), before[::2].view(torch.int32))
+    assert bool((torch.linalg.vector_norm(w[1::2], dim=1) <= 1.0).all())
