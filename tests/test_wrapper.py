@@ -656,3 +656,30 @@ def test_options_edited_in_a_group_are_validated_before_the_next_step():
     with pytest.raises(ValueError, match=r"param group 0: max_norm must be positive.*-1\.0"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_the_one_liner_constrains_exactly_the_weight_matrices():
+    """`MaxNormWrapper(Adam(model.parameters()), max_norm=3.0)` on a model with LayerNorm
+    and biases: the weight matrices are projected per output unit; biases and the
+    LayerNorm gain and bias step exactly as under bare Adam."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(20, 64), torch.nn.LayerNorm(64), torch.nn.ReLU(), torch.nn.Linear(64, 3)
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(40.0).add_(5.0)  # every tensor far over the bound, as rows or as a whole
+    bare = copy.deepcopy(model)
+    opt = MaxNormWrapper(torch.optim.Adam(model.parameters(), lr=1e-3), max_norm=3.0)
+    ref = torch.optim.Adam(bare.parameters(), lr=1e-3)
+    x = torch.randn(8, 20)
+    for m, o in ((model, opt), (bare, ref)):
+        m(x).square().sum().backward()
+        o.step()
+    for (name, p), q in zip(model.named_parameters(), bare.parameters()):
+        if p.dim() >= 2:
+            expected = reference_project(q.detach(), 3.0, 1)
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=0)
+            assert bool((p.detach().norm(dim=1) <= 3.0).all()), name
+        else:
+            assert torch.equal(p, q), name
