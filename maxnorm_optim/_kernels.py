@@ -75,6 +75,10 @@ _PROVEN = 4.5e-6
 # Settling steps before the last, provably sufficient one (each shrinks the slices
 # that still fail the check by a growing number of ulps).
 _SETTLE_STEPS = 24
+# Rows whose check norm's proven relative error is at most this take their factors from
+# the check norm on the plain route, landing at most about twice this under the bound
+# (fp32 p = 2: rows up to about 4096 elements; fp64: any row).
+_CHECK_ROUTE = 1.25e-4
 
 
 class ProjectionStats(NamedTuple):
@@ -429,14 +433,21 @@ def _plain_route(pipe: Pipeline, length: int) -> _Plain:
     p, dtype = pipe.p, pipe.dtype
     own = pipe.check_bound(length)
     tiny = 2.0 ** (-100 if dtype == torch.float32 else -1000)
+    prove = False
     if own <= 2.5e-6 and p in (1.0, 2.0, math.inf):
         kind, eps, top = "check", own, math.inf  # short rows: the check is accurate
+    elif own <= _CHECK_ROUTE and p in (1.0, 2.0, math.inf):
+        # Medium rows: factors from the check norm too, aimed under the bound by its
+        # proven error (twice: for the factor and for the check of the scaled row), so
+        # that both checks hold by construction: one norm and one multiply, nothing to
+        # verify, at the price of landing up to `2 own` under the bound.
+        kind, eps, top, prove = "check", own, math.inf, True
     elif p == 2.0 and dtype == torch.float32:
         kind, eps, top = "blocked", num.blocked_bound(), 2.0**62
     else:
         return _Plain("", 0.0, False, 0.0, 0.0)
-    margin = pipe.margins(length, eps, False)[0]
-    same = pipe.verifies(length, eps, False)[0]
+    margin = pipe.margins(length, eps, prove)[0]
+    same = pipe.verifies(length, eps, prove)[0]
     aim = pipe.bounds.hi * (1.0 - margin)
     if same:
         # Aim under by a typical rounding error of the check (a sum of `length` terms
@@ -609,16 +620,23 @@ def _cpu_scale_over(pipe: Pipeline, store: Tensor, check: Tensor) -> None:
             _settle_cpu(pipe, rows, True, False)
 
 
-def _cpu_scale_plain(pipe: Pipeline, store: Tensor, check: Tensor, route: _Plain) -> None:
+def _cpu_scale_plain(
+    pipe: Pipeline, store: Tensor, check: Tensor, route: _Plain
+) -> tuple[Tensor, bool]:
     """`_cpu_scale` on the plain route (every row over the bound, `pipe.plain_route`):
-    one norm, one multiply, and where the check is not proven, one verification."""
+    one norm, one multiply, and where the check is not proven, one verification.
+    Returns the per-row factors (in the rows' dtype) and whether any row then needed
+    settling (its values are no longer the rows times those factors)."""
     if route.kind == "check":
         norms = check.to(torch.float64, copy=True)
     else:
         norms = num.blocked_norms(store)
-    store.mul_(norms.reciprocal_().mul_(route.aim).to(store.dtype).unsqueeze(1))
+    factors = norms.reciprocal_().mul_(route.aim).to(store.dtype)
+    store.mul_(factors.unsqueeze(1))
     if route.same and float(num.check_norms(store, pipe.p, 1).max()) > pipe.bounds.hi:
         _settle_cpu(pipe, _Gathered(store), True, False)
+        return factors, True
+    return factors, False
 
 
 # A float32 subnormal: `x * 1` flushes it to zero only where the CPU flushes subnormals
@@ -773,6 +791,19 @@ def cpu_rows(
         else:
             rows.index_copy_(0, index, source.mul_(factors.unsqueeze(1)))
         return
+    # Many rows over on the plain route: the gathered rows are scaled and verified,
+    # but written back by one multiply of every row (by the same factors, so with the
+    # same bits; exactly 1 where not selected) instead of a scatter, which costs more
+    # than that multiply from about a quarter of the rows on.
+    in_place = (
+        route is not None
+        and index is None
+        and 4 * chosen.rows.numel() >= source.shape[0]
+        and _multiply_by_one_is_exact(check)
+    )
+    every = None
+    if in_place:
+        every = torch.ones(source.shape[0], dtype=source.dtype, device=source.device)
     # The plain route gathers blocks that stay in a core's cache for its three passes.
     step = max(1, (PLAIN_NUMEL if route is not None else GATHER_NUMEL) // max(length, 1))
     for start in range(0, chosen.rows.numel(), step):
@@ -787,10 +818,16 @@ def cpu_rows(
         over = None if chosen.over is None else chosen.over[part]
         under = None if chosen.under is None else chosen.under[part]
         if route is not None:
-            _cpu_scale_plain(pipe, buf, chosen.check[part], route)
+            factors, settled = _cpu_scale_plain(pipe, buf, chosen.check[part], route)
+            if every is not None and not settled:  # written by the multiply below
+                every.index_copy_(0, idx, factors)
+                continue
         else:
             _cpu_scale(pipe, buf, chosen.check[part], over, under, False)
+        # (rows settled here keep factor 1 in `every`: the multiply leaves them alone)
         rows.index_copy_(0, idx if index is None else index.index_select(0, idx), buf)
+    if every is not None:
+        rows.mul_(every.unsqueeze(1))
 
 
 def cpu_batch(

@@ -93,6 +93,21 @@ def reference_project(
     return torch.where(outside, scaled, w.detach())
 
 
+def slice_length(w: Tensor, norm_dim) -> int:
+    dims = reference_dims(norm_dim, w.dim())
+    if dims == SKIP or w.dim() == 0:
+        return 1
+    return math.prod(w.shape[d] for d in dims)
+
+
+def landing_gap(length: int, dtype: torch.dtype) -> float:
+    """How far under the bound (relative) a scaled slice of `length` may land, as the
+    docs state it: 1e-5, plus `2 length u` (u the unit roundoff of the check dtype)
+    where the factors come from the check norm and its proven rounding error."""
+    acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return 1e-5 + length * eps(acc)
+
+
 def eps(dtype: torch.dtype) -> float:
     real = {torch.complex64: torch.float32, torch.complex128: torch.float64}.get(dtype, dtype)
     return torch.finfo(real).eps
