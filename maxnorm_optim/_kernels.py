@@ -755,6 +755,35 @@ def _cpu_select(
     return _Selection(idx, check.index_select(0, idx), over[idx], under[idx], math.inf)
 
 
+def _rows_in_place(pipe: Pipeline, rows: Tensor, check: Tensor, stats: Stats | None) -> bool:
+    """The plain route's proven "check" kind with many rows over (or none): factors
+    for every row straight from the check norms (exactly 1 where in bound) and one
+    multiply of `rows`, without listing the rows over. Returns False, having written
+    nothing, where this does not apply."""
+    n, length = rows.shape
+    b = pipe.bounds
+    if not pipe.plain or b.hi <= 2 * num.low_zone(length, pipe.p, pipe.acc):
+        return False
+    # As `_cpu_select` decides: over the bound (inf: re-measured there, NaN: left alone).
+    over = check > num.floor_to(b.hi, check.dtype)
+    count = int(over.sum())
+    if count == 0:
+        if stats is not None:
+            stats.add_counts(0, check)
+        return True
+    if 4 * count < n or not _multiply_by_one_is_exact(check):  # (no NaN, no inf)
+        return False
+    route = pipe.plain_route(length, float(check.max()))
+    if route is None or route.kind != "check" or route.same:
+        return False
+    inv = check.to(torch.float64).reciprocal_().mul_(route.aim)  # as `_in_place_factors`
+    factors = torch.where(over, inv, 1.0).to(rows.dtype)
+    if stats is not None:
+        stats.add_counts(count, check)
+    rows.mul_(factors.unsqueeze(1))
+    return True
+
+
 def cpu_rows(
     pipe: Pipeline,
     rows: Tensor,
@@ -772,6 +801,8 @@ def cpu_rows(
     source = rows if index is None else rows.index_select(0, index)
     length = source.shape[1]
     check = num.check_norms(source, pipe.p, 1)
+    if index is None and skip is None and _rows_in_place(pipe, rows, check, stats):
+        return
     chosen = _cpu_select(pipe, check, length, lambda i: source.index_select(0, i), skip, stats)
     if chosen is None:
         return
