@@ -65,6 +65,9 @@ GATHER_NUMEL = 1 << 22
 SMALL_NUMEL = 1 << 16
 # Rows gathered per block on the plain route (2 MiB of fp32: within a core's L2).
 PLAIN_NUMEL = 1 << 19
+# Up to this many values, one multiply of the whole tensor (by exactly 1 where in bound)
+# costs less than the few operations that list, gather and scatter a few rows (CPU).
+IN_PLACE_NUMEL = 1 << 20
 # Elements of each scratch buffer (per thread, dtype and device): bounds the extra
 # memory of a projection, whatever the size of the weights.
 SCRATCH_NUMEL = 1 << 20
@@ -228,6 +231,7 @@ class Pipeline:
         self._fits = math.isfinite(hi) and _power_fits(hi, self.p, self.acc)
         self._bounds: dict[int, float] = {}
         self._plain: dict[int, _Plain] = {}
+        self._over: dict[int, float | None] = {}
         # The common case, with a shorter path on CPU: an upper bound only, exact, on
         # real fp32/fp64 values.
         self.plain = (
@@ -250,6 +254,17 @@ class Pipeline:
         if route.kind == "" or not top <= route.top or route.aim / (top * 1.01) < route.tiny:
             return None
         return route
+
+    def over_threshold(self, length: int) -> float | None:
+        """Where `pipe.plain` and slices of `length` are selected by one comparison
+        (`_cpu_select`'s common case): the check norms over the bound are those `>` this
+        value; else `None`."""
+        if length not in self._over:
+            b = self.bounds
+            low = num.low_zone(length, self.p, self.acc)
+            fits = self.plain and not b.hi <= 2 * low
+            self._over[length] = num.floor_to(b.hi, self.acc) if fits else None
+        return self._over[length]
 
     def check_bound(self, length: int) -> float:
         """`error_bound` of the check norm of slices of `length` near the bound."""
@@ -756,24 +771,29 @@ def _cpu_select(
 
 
 def _rows_in_place(pipe: Pipeline, rows: Tensor, check: Tensor, stats: Stats | None) -> bool:
-    """The plain route's proven "check" kind with many rows over (or none): factors
+    """The plain route's proven "check" kind with many rows over (or none, or a tensor
+    of at most `IN_PLACE_NUMEL` values, where one multiply costs less than listing the
+    rows over, gathering and scattering them): factors
     for every row straight from the check norms (exactly 1 where in bound) and one
     multiply of `rows`, without listing the rows over. Returns False, having written
     nothing, where this does not apply."""
     n, length = rows.shape
-    b = pipe.bounds
-    if not pipe.plain or b.hi <= 2 * num.low_zone(length, pipe.p, pipe.acc):
+    hi = pipe.over_threshold(length)
+    if hi is None:
         return False
     # As `_cpu_select` decides: over the bound (inf: re-measured there, NaN: left alone).
-    over = check > num.floor_to(b.hi, check.dtype)
+    over = check > hi
     count = int(over.sum())
     if count == 0:
         if stats is not None:
             stats.add_counts(0, check)
         return True
-    if 4 * count < n or not _multiply_by_one_is_exact(check):  # (no NaN, no inf)
+    if 4 * count < n and rows.numel() > IN_PLACE_NUMEL:  # listing them costs less
         return False
-    route = pipe.plain_route(length, float(check.max()))
+    top = float(check.max())  # NaN where a row holds NaN, inf where one holds inf
+    if not math.isfinite(top) or float(_SUBNORMAL.mul(1.0)) == 0.0:
+        return False  # multiplying by 1 would not be exact (`_multiply_by_one_is_exact`)
+    route = pipe.plain_route(length, top)
     if route is None or route.kind != "check" or route.same:
         return False
     inv = check.to(torch.float64).reciprocal_().mul_(route.aim)  # as `_in_place_factors`

@@ -130,6 +130,8 @@ class _PlanCache(threading.local):
 
 
 _PLANS = _PlanCache()
+_PLAIN = (float, int, bool, str, type(None), tuple)
+_OPTIONS: dict[tuple[Any, ...], MaxNormOptions] = {}
 
 
 def max_norm_(
@@ -176,17 +178,30 @@ def max_norm_(
         tensor([1.0000, 0.5000])
     """
     items = [tensors] if isinstance(tensors, Tensor) else list(tensors)
-    options = parse_options(
-        "max_norm_",
-        {
-            "max_norm": max_norm,
-            "min_norm": min_norm,
-            "rate": rate,
-            "norm_dim": norm_dim,
-            "norm_type": norm_type,
-            "error_if_nonfinite": error_if_nonfinite,
-        },
+    raw = (max_norm, min_norm, rate, norm_dim, norm_type, error_if_nonfinite)
+    # Options already validated, keyed by value *and* type (1 and True hash alike);
+    # only plain Python values are kept (never an array or a tensor).
+    typed = tuple((type(v), v) for v in raw)
+    cacheable = all(type(v) in _PLAIN for v in raw) and (
+        type(norm_dim) is not tuple or all(type(d) is int for d in norm_dim)
     )
+    options = _OPTIONS.get(typed) if cacheable else None
+    if options is None:
+        options = parse_options(
+            "max_norm_",
+            {
+                "max_norm": max_norm,
+                "min_norm": min_norm,
+                "rate": rate,
+                "norm_dim": norm_dim,
+                "norm_type": norm_type,
+                "error_if_nonfinite": error_if_nonfinite,
+            },
+        )
+        if cacheable:
+            if len(_OPTIONS) >= 32:
+                _OPTIONS.pop(next(iter(_OPTIONS)))
+            _OPTIONS[typed] = options
     if options.max_norm is None:
         raise TypeError("max_norm_: max_norm must be a real number, but got None")
     compiling = torch.compiler.is_compiling()

@@ -106,3 +106,22 @@ def test_many_rows_over_are_written_back_by_one_multiply_exactly(length, special
     assert bool((torch.linalg.vector_norm(w[1::2].double(), dim=1) <= 1.0).all())
     gap = landing_gap(length, w.dtype)
     torch.testing.assert_close(w, reference_project(before, 1.0), rtol=gap, atol=0, equal_nan=True)
+
+
+def test_options_seen_before_are_still_checked_by_type():
+    """A call with valid options does not let a later call through with values that
+    compare equal but have another type (True == 1, (True,) == (1,))."""
+    w = torch.randn(4, 3)
+    before = w.clone()
+    for good, bad in (
+        ({"max_norm": 1}, {"max_norm": True}),
+        ({"max_norm": 1.0, "norm_dim": (1,)}, {"max_norm": 1.0, "norm_dim": (True,)}),
+        ({"max_norm": 2, "error_if_nonfinite": False}, {"max_norm": 2, "error_if_nonfinite": 0}),
+        ({"max_norm": 1.0, "norm_type": 2}, {"max_norm": 1.0, "norm_type": True}),
+    ):
+        x = before.clone()
+        max_norm_(x, **good)
+        y = before.clone()
+        with pytest.raises(TypeError):
+            max_norm_(y, **bad)
+        assert torch.equal(y, before)
