@@ -177,20 +177,37 @@ def build_dense(name: str, device: torch.device, quick: bool, seed: int = 0) -> 
 
 
 def build_embedding_sparse(
-    device: torch.device, quick: bool, touched: int = 4096, seed: int = 0
-) -> tuple[nn.Parameter, Tensor]:
-    """``Embedding(1e6, 64)`` weight (1e5 rows in quick mode), rows at norm
-    ``0.5 * MAX_NORM``, and a coalesced sparse gradient on ``touched`` distinct rows."""
-    gen = torch.Generator().manual_seed(seed)
+    device: torch.device, quick: bool, touched: int, fraction: float, copies: int = 3
+) -> tuple[list[nn.Parameter], Tensor]:
+    """``copies`` identical ``Embedding(1e6, 64)`` weights (1e5 rows in quick mode),
+    each with the same coalesced sparse gradient on ``touched`` distinct rows.
+
+    ``round(fraction * touched)`` of the touched rows sit at the bound ``MAX_NORM`` with
+    a gradient pointing outwards, so that every Adam step takes them over it again (a
+    steady state: the projection brings them back, the next step pushes them out); the
+    other touched rows sit at ``0.5 * MAX_NORM`` with a zero gradient (Adam leaves them
+    where they are), as do the rows no gradient touches. Nothing but each copy's own
+    optimizer writes to it, so the wrapper's touched-rows rule holds at every step.
+    """
+    gen = torch.Generator().manual_seed(0)
     rows = 100_000 if quick else 1_000_000
     w = torch.randn(rows, 64, generator=gen)
     w.mul_((0.5 * MAX_NORM / w.norm(dim=1)).unsqueeze(1))
     idx = torch.randperm(rows, generator=gen)[:touched].sort().values
-    vals = 1e-2 * torch.randn(touched, 64, generator=gen)
+    over = torch.zeros(touched, dtype=torch.bool)
+    over[torch.randperm(touched, generator=gen)[: round(fraction * touched)]] = True
+    picked = w.index_select(0, idx)
+    picked[over] *= 2.0  # at the bound
+    w.index_copy_(0, idx, picked)
+    vals = torch.where(over.unsqueeze(1), -picked, torch.zeros_like(picked))
     grad = torch.sparse_coo_tensor(
         idx.unsqueeze(0), vals, (rows, 64), check_invariants=True
     ).coalesce()
-    return nn.Parameter(w.to(device)), grad.to(device)
+    params = [nn.Parameter(w.clone().to(device)) for _ in range(copies)]
+    grad = grad.to(device)
+    for p in params:
+        p.grad = grad
+    return params, idx.to(device)
 
 
 class CNN(nn.Module):

@@ -770,32 +770,35 @@ def _cpu_select(
     return _Selection(idx, check.index_select(0, idx), over[idx], under[idx], math.inf)
 
 
-def _rows_in_place(pipe: Pipeline, rows: Tensor, check: Tensor, stats: Stats | None) -> bool:
+def _rows_in_place(
+    pipe: Pipeline, rows: Tensor, check: Tensor, stats: Stats | None, whole: bool
+) -> bool | None:
     """The plain route's proven "check" kind with many rows over (or none, or a tensor
     of at most `IN_PLACE_NUMEL` values, where one multiply costs less than listing the
-    rows over, gathering and scattering them): factors
+    rows over, gathering and scattering them; `whole`: `rows` is the tensor itself,
+    not a copy of some of its rows that is then written back): factors
     for every row straight from the check norms (exactly 1 where in bound) and one
-    multiply of `rows`, without listing the rows over. Returns False, having written
-    nothing, where this does not apply."""
+    multiply of `rows`, without listing the rows over. Returns whether `rows` were
+    written, or `None`, having written nothing, where this does not apply."""
     n, length = rows.shape
     hi = pipe.over_threshold(length)
     if hi is None:
-        return False
+        return None
     # As `_cpu_select` decides: over the bound (inf: re-measured there, NaN: left alone).
     over = check > hi
     count = int(over.sum())
     if count == 0:
         if stats is not None:
             stats.add_counts(0, check)
-        return True
-    if 4 * count < n and rows.numel() > IN_PLACE_NUMEL:  # listing them costs less
         return False
+    if 4 * count < n and (rows.numel() > IN_PLACE_NUMEL or not whole):  # listing costs less
+        return None
     top = float(check.max())  # NaN where a row holds NaN, inf where one holds inf
     if not math.isfinite(top) or float(_SUBNORMAL.mul(1.0)) == 0.0:
-        return False  # multiplying by 1 would not be exact (`_multiply_by_one_is_exact`)
+        return None  # multiplying by 1 would not be exact (`_multiply_by_one_is_exact`)
     route = pipe.plain_route(length, top)
     if route is None or route.kind != "check" or route.same:
-        return False
+        return None
     inv = check.to(torch.float64).reciprocal_().mul_(route.aim)  # as `_in_place_factors`
     factors = torch.where(over, inv, 1.0).to(rows.dtype)
     if stats is not None:
@@ -821,7 +824,10 @@ def cpu_rows(
     source = rows if index is None else rows.index_select(0, index)
     length = source.shape[1]
     check = num.check_norms(source, pipe.p, 1)
-    if index is None and skip is None and _rows_in_place(pipe, rows, check, stats):
+    done = _rows_in_place(pipe, source, check, stats, index is None) if skip is None else None
+    if done is not None:
+        if done and index is not None:  # `source` is a copy of the rows `index`
+            rows.index_copy_(0, index, source)
         return
     chosen = _cpu_select(pipe, check, length, lambda i: source.index_select(0, i), skip, stats)
     if chosen is None:
