@@ -203,15 +203,16 @@ included) and its later calls:
 ### Where the time goes
 
 With no row over the bound the projection is one norm per row and a comparison, and
-nothing is written. Rows over the bound cost more than in the peers because of what
-the projection guarantees (see [the guarantees](eps.md)): the factors come from norms
-with a proven error bound (on long fp32 rows a second, blocked norm), and where the
-check's own rounding bound is too coarse to prove the bound in advance (fp32 rows
-longer than about 64 elements), the scaled rows are checked again with
-`torch.linalg.vector_norm` and the few that fail are shrunk. That is up to three norm
-passes over the scaled rows where the peers make one and write without checking. Short
-rows (the `Embedding(1e6, 64)` table, 64 x 64 weights) need neither the second norm nor
-the check and are scaled with one multiply.
+nothing is written. On fp32 rows of up to about 4096 elements and on fp64 rows (p in
+{{1, 2, inf}}) the factors come from that same norm, aimed under the bound by its proven
+rounding error, so that nothing needs checking afterwards, and the rows over are scaled
+by one multiply (of the whole tensor, by exactly 1 elsewhere, where that costs less than
+listing them): the work of `renorm_`, but in two passes where `renorm_` scales each row
+right after its norm, while it is still in cache, plus some Python bookkeeping per
+tensor (tens of microseconds), which is what small tensors pay. Longer fp32 rows take
+their factors from a second, blocked norm (error about 1e-6) and are checked again with
+`torch.linalg.vector_norm` after scaling (the few that fail are shrunk): up to three
+norm passes over the rows over the bound, which the peers scale without checking.
 
 ## How the cost grows with the work
 
@@ -227,7 +228,10 @@ One square tensor of growing side, and a growing number of 64 x 64 tensors, at 1
 
 `Embedding(1e6, 64)` with `SparseAdam`, 4096 rows touched per step: what the wrapper
 adds to the bare step, against a hand-written projection of the touched rows
-(`index_select`, norms, `min(c / n, 1)`, `index_copy_`):
+(`index_select`, norms, `min(c / n, 1)`, `index_copy_`). Each method steps its own copy
+of the table in a steady state (the rows at the bound get a gradient that takes them
+over it at every step, the other touched rows a zero one): a write by anything else
+would, rightly, make the wrapper project the whole table at its next step.
 
 {sparse_table(d)}
 
