@@ -266,6 +266,16 @@ class Pipeline:
             self._over[length] = num.floor_to(b.hi, self.acc) if fits else None
         return self._over[length]
 
+    def absolute(self, length: int) -> float:
+        """A bound on the p-norm of the absolute rounding errors of scaling a slice of
+        `length`: values that land below the dtype's smallest normal round by up to
+        half a subnormal spacing, not by a relative amount (it matters only for
+        bounds near the subnormals)."""
+        info = torch.finfo(self.work if self.complex else self.dtype)
+        terms = 2 * length if self.complex else length
+        # (the smallest subnormal first: half of it alone rounds to 0 in float64)
+        return info.tiny * info.eps * (0.5 * float(terms) ** (1.0 / min(self.p, 1e6)))
+
     def check_bound(self, length: int) -> float:
         """`error_bound` of the check norm of slices of `length` near the bound."""
         cached = self._bounds.get(length)
@@ -370,6 +380,8 @@ class Pipeline:
         pass at once nearly always. The bound itself never rests on this aim.
         """
         goal = num.targets(norms, over, under, self.bounds, *margins)
+        if length:  # the absolute rounding of subnormal results, under the bound too
+            goal = torch.where(over, (goal - self.absolute(length)).clamp_(min=0.0), goal)
         safe = torch.where(selected, norms, torch.ones_like(norms))
         if check is not None:
             terms = 2 * length if self.complex else length
@@ -408,7 +420,8 @@ class Pipeline:
         )
         info = torch.finfo(self.work if self.complex or self.half else self.dtype)
         store = torch.finfo(self.dtype if not self.complex else self.work)
-        absolute = 0.5 * store.tiny * store.eps * (2 * length) ** (1.0 / min(self.p, 1e6))
+        # (the smallest subnormal first: half of it alone rounds to 0 in float64)
+        absolute = store.tiny * store.eps * (0.5 * (2 * length) ** (1.0 / min(self.p, 1e6)))
         room = self.bounds.hi / (1 + beta) - absolute
         scale = (1 - beta) / ((1 + self.u_store) * (1 + info.eps) ** 2)
         g = room * scale / checked.clamp(min=torch.finfo(torch.float64).tiny)
@@ -463,7 +476,9 @@ def _plain_route(pipe: Pipeline, length: int) -> _Plain:
         return _Plain("", 0.0, False, 0.0, 0.0)
     margin = pipe.margins(length, eps, prove)[0]
     same = pipe.verifies(length, eps, prove)[0]
-    aim = pipe.bounds.hi * (1.0 - margin)
+    aim = pipe.bounds.hi * (1.0 - margin) - pipe.absolute(length)
+    if not aim > 0:
+        return _Plain("", 0.0, False, 0.0, 0.0)
     if same:
         # Aim under by a typical rounding error of the check (a sum of `length` terms
         # errs by about sqrt(length) u), so that the verification passes at once nearly
@@ -617,7 +632,7 @@ def _cpu_scale_over(pipe: Pipeline, store: Tensor, check: Tensor) -> None:
         norms, eps = num.accurate_norms(store, p, check)
     margin = pipe.margins(length, eps, False)[0]
     same = pipe.verifies(length, eps, False)[0]
-    factors = (pipe.bounds.hi * (1.0 - margin)) / norms
+    factors = _aim_over(max(pipe.bounds.hi * (1.0 - margin) - pipe.absolute(length), 0.0), norms)
     if same:  # aim under by the check's observed (or typical) error: see Pipeline.factors
         cap = 1e-3
         slack = (check.to(torch.float64) / norms - 1).abs_().mul_(2)
@@ -646,12 +661,18 @@ def _cpu_scale_plain(
         norms = check.to(torch.float64, copy=True)
     else:
         norms = num.blocked_norms(store)
-    factors = norms.reciprocal_().mul_(route.aim).to(store.dtype)
+    factors = _aim_over(route.aim, norms).to(store.dtype)
     store.mul_(factors.unsqueeze(1))
     if route.same and float(num.check_norms(store, pipe.p, 1).max()) > pipe.bounds.hi:
         _settle_cpu(pipe, _Gathered(store), True, False)
         return factors, True
     return factors, False
+
+
+def _aim_over(aim: float, norms: Tensor) -> Tensor:
+    """`aim / norms` in float64, one rounding (not `aim * (1 / norms)`: the reciprocal
+    of a subnormal norm overflows)."""
+    return torch.full_like(norms, aim, dtype=torch.float64).div_(norms)
 
 
 # A float32 subnormal: `x * 1` flushes it to zero only where the CPU flushes subnormals
@@ -670,7 +691,7 @@ def _in_place_factors(n: int, chosen: _Selection, route: _Plain, dtype: torch.dt
     """Per-row factors in `dtype` for the plain route's proven "check" kind: those of
     `_cpu_scale_plain` on the selected rows, exactly 1 elsewhere."""
     f = torch.ones(n, dtype=torch.float64, device=chosen.check.device)
-    f.index_copy_(0, chosen.rows, chosen.check.to(torch.float64).reciprocal().mul_(route.aim))
+    f.index_copy_(0, chosen.rows, _aim_over(route.aim, chosen.check.to(torch.float64)))
     return f.to(dtype)
 
 
@@ -799,8 +820,8 @@ def _rows_in_place(
     route = pipe.plain_route(length, top)
     if route is None or route.kind != "check" or route.same:
         return None
-    inv = check.to(torch.float64).reciprocal_().mul_(route.aim)  # as `_in_place_factors`
-    factors = torch.where(over, inv, 1.0).to(rows.dtype)
+    scaled = _aim_over(route.aim, check.to(torch.float64))  # as `_in_place_factors`
+    factors = torch.where(over, scaled, 1.0).to(rows.dtype)
     if stats is not None:
         stats.add_counts(count, check)
     rows.mul_(factors.unsqueeze(1))

@@ -200,7 +200,7 @@ def max_norm_(
         )
         if cacheable:
             if len(_OPTIONS) >= 32:
-                _OPTIONS.pop(next(iter(_OPTIONS)))
+                _OPTIONS.clear()  # (one call: safe while other threads read or add)
             _OPTIONS[typed] = options
     if options.max_norm is None:
         raise TypeError("max_norm_: max_norm must be a real number, but got None")

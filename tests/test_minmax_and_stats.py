@@ -175,3 +175,24 @@ def test_stats_do_not_change_the_result():
             o.step()
     assert torch.equal(m1.weight, m2.weight)
     assert math.isfinite(o2.constraint_stats()[0]["max_norm_before"].item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(64, 100), (600, 4096)])
+def test_stats_report_the_norms_before_the_projection(dtype, shape):
+    """`max_norm_before` is the largest slice norm before scaling, whichever route the
+    rows take (many or few over, float32 or float64)."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.nn.Parameter((torch.randn(shape, generator=g) * 0.01).to(dtype))
+    with torch.no_grad():
+        w[::3] *= 1000.0  # a third of the rows over the bound
+        w[1] = 0.0
+    before = torch.linalg.vector_norm(w.detach(), dim=1)
+    opt = MaxNormWrapper(torch.optim.SGD([w], lr=0.0), max_norm=1.0, track_stats=True)
+    opt.project()
+    (stats,) = opt.constraint_stats()
+    assert stats is not None
+    assert int(stats["projected"]) == int((before > 1.0).sum())
+    torch.testing.assert_close(
+        stats["max_norm_before"].double(), before.max().double(), rtol=1e-6, atol=0
+    )

@@ -536,3 +536,44 @@ def test_every_check_before_any_write():
         max_norm_(w, "x" * 10**6)
     assert len(str(err.value)) < 400
     assert same_bits(w, before)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(
+    ("dtype", "p", "length"),
+    [
+        (torch.float32, 1.0, 100),
+        (torch.float32, 1.0, 10),
+        (torch.float32, math.inf, 100),
+        (torch.float64, 1.0, 100),
+        (torch.float64, math.inf, 100),
+    ],
+)
+def test_bounds_among_the_subnormals_hold(path, dtype, p, length):
+    """Point 2 where the scaled values are subnormal (their rounding is absolute, not
+    relative) and where a check norm's reciprocal would overflow."""
+    unit = torch.finfo(dtype).tiny * torch.finfo(dtype).eps  # the smallest subnormal
+    c = (length if p == 1.0 else 1) * 1.6 * unit
+    w = torch.full((4, length), 10 * unit, dtype=dtype)
+    project(path, w, c, "per_unit", p)
+    assert bool(torch.isfinite(w).all())
+    assert bool((torch.linalg.vector_norm(w, p, dim=1) <= c).all())
+    assert bool((torch.linalg.vector_norm(w.double(), p, dim=1) <= c).all())
+    tiny = torch.full((3, 1), 1e-309, dtype=torch.float64)
+    project(path, tiny, 1e-310, "per_unit", math.inf)
+    assert bool(torch.isfinite(tiny).all()) and bool((tiny.abs() <= 1e-310).all())
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("length", [200, 1000, 2000])
+def test_a_check_that_reads_high_still_lands_within_the_gap(path, length):
+    """p = 1 adds one element after another: a row of one large and many small elements
+    reads about `length u` high; the scaled row still lands within `landing_gap`."""
+    h = 1.0001 * 2.0**-24
+    w = torch.full((1, length), h)
+    w[0, 0] = 1.0
+    c = 0.5
+    project(path, w, c, "per_unit", 1.0)
+    n = float(torch.linalg.vector_norm(w.double(), 1))
+    assert n <= c
+    assert n >= c * (1 - landing_gap(length, w.dtype)), (1 - n / c, landing_gap(length, w.dtype))

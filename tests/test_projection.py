@@ -125,3 +125,32 @@ def test_options_seen_before_are_still_checked_by_type():
         with pytest.raises(TypeError):
             max_norm_(y, **bad)
         assert torch.equal(y, before)
+
+
+def test_calls_from_several_threads_with_many_option_sets():
+    """The options remembered between calls are shared by threads: many distinct
+    bounds from several threads at once (the memory is cleared when full) never fail."""
+    import sys
+    import threading
+
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        w = torch.randn(2, 4)
+        try:
+            for i in range(1500):
+                max_norm_(w, 1.0 + (i * 7 + k) % 97)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: races show up
+    try:
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:1]
