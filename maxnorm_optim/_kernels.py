@@ -262,7 +262,7 @@ class Pipeline:
         if length not in self._over:
             b = self.bounds
             low = num.low_zone(length, self.p, self.acc)
-            fits = self.plain and not b.hi <= 2 * low
+            fits = self.plain and self.judges(length) and not b.hi <= 2 * low
             self._over[length] = num.floor_to(b.hi, self.acc) if fits else None
         return self._over[length]
 
@@ -301,6 +301,13 @@ class Pipeline:
         low = num.low_zone(length, self.p, self.acc)
         if low > 0 and (self.bounds.lo > 0 or self.bounds.hi <= 2 * low):
             out = out | (check < low)
+        if not self.judges(length):
+            # The check cannot judge at the bound: slices it reads near a threshold are
+            # decided by float64 norms (else a projected slice could read over again).
+            beta = 4 * self.check_bound(length) + 1e-6
+            for edge in (self.bounds.hi, self.accept(length)):
+                if 0 < edge < math.inf:
+                    out = out | ((check >= edge * (1 - beta)) & (check <= edge * (1 + beta)))
         return out
 
     def accept(self, length: int) -> float:
@@ -759,7 +766,7 @@ def _cpu_select(
             stats.add(torch.zeros(1, dtype=torch.bool), check)
         return None
     b = pipe.bounds
-    if b.lo == 0 and not b.hi <= 2 * num.low_zone(length, pipe.p, pipe.acc):
+    if b.lo == 0 and pipe.judges(length):  # one comparison decides
         idx = (check > num.floor_to(b.hi, check.dtype)).nonzero().squeeze(1)
         over, top = None, 0.0
         if idx.numel():

@@ -23,6 +23,7 @@ __all__ = [
     "MaxNormOptions",
     "NormDim",
     "Skip",
+    "parse_arguments",
     "parse_options",
     "show",
     "slice_dims",
@@ -201,6 +202,31 @@ def parse_options(where: int | str, values: Mapping[str, Any]) -> MaxNormOptions
         min_norm=min_norm,
         rate=rate,
         error_if_nonfinite=flag,
+    )
+
+
+def parse_arguments(
+    where: int | str,
+    *,
+    max_norm: Any,
+    norm_dim: Any,
+    norm_type: Any,
+    min_norm: Any,
+    rate: Any,
+    error_if_nonfinite: Any,
+) -> MaxNormOptions:
+    """`parse_options` of keyword arguments (as `max_norm_` and `MaxNormWrapper` take
+    them)."""
+    return parse_options(
+        where,
+        {
+            "max_norm": max_norm,
+            "min_norm": min_norm,
+            "rate": rate,
+            "norm_dim": norm_dim,
+            "norm_type": norm_type,
+            "error_if_nonfinite": error_if_nonfinite,
+        },
     )
 
 

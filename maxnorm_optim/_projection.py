@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import _kernels as kn
 from ._kernels import ProjectionStats
-from ._options import PER_UNIT, MaxNormOptions, NormDim, parse_options
+from ._options import PER_UNIT, MaxNormOptions, NormDim, parse_arguments
 from ._plans import Plan, is_dtensor, make_plan, plan_key, project_dense_
 
 __all__ = [
@@ -187,16 +187,14 @@ def max_norm_(
     )
     options = _OPTIONS.get(typed) if cacheable else None
     if options is None:
-        options = parse_options(
+        options = parse_arguments(
             "max_norm_",
-            {
-                "max_norm": max_norm,
-                "min_norm": min_norm,
-                "rate": rate,
-                "norm_dim": norm_dim,
-                "norm_type": norm_type,
-                "error_if_nonfinite": error_if_nonfinite,
-            },
+            max_norm=max_norm,
+            norm_dim=norm_dim,
+            norm_type=norm_type,
+            min_norm=min_norm,
+            rate=rate,
+            error_if_nonfinite=error_if_nonfinite,
         )
         if cacheable:
             if len(_OPTIONS) >= 32:

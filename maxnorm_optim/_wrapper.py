@@ -18,6 +18,7 @@ from ._options import (
     SKIP,
     MaxNormOptions,
     NormDim,
+    parse_arguments,
     parse_options,
     show,
     slice_dims,
@@ -150,16 +151,14 @@ class MaxNormWrapper(Optimizer):
             )
         if not isinstance(track_stats, bool):
             raise TypeError(f"MaxNormWrapper: track_stats must be a bool, got {show(track_stats)}")
-        defaults = parse_options(
+        defaults = parse_arguments(
             "MaxNormWrapper",
-            {
-                "max_norm": max_norm,
-                "min_norm": min_norm,
-                "rate": rate,
-                "norm_dim": norm_dim,
-                "norm_type": norm_type,
-                "error_if_nonfinite": error_if_nonfinite,
-            },
+            max_norm=max_norm,
+            norm_dim=norm_dim,
+            norm_type=norm_type,
+            min_norm=min_norm,
+            rate=rate,
+            error_if_nonfinite=error_if_nonfinite,
         )
         self.optimizer = optimizer
         self.max_norm_defaults: dict[str, Any] = defaults.as_group()

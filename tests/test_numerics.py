@@ -232,6 +232,17 @@ def test_inbound_slices_unchanged_and_scaled_slices_in_bound(path, case):
 @pytest.mark.parametrize("path", PATHS)
 @SETTINGS
 @given(case=cases())
+# c^p within a factor 4 of the fp32 maximum: the check cannot judge at the bound, and
+# the unit-norm slice it reads just over c is decided by its float64 norm (found by a
+# long hypothesis run).
+@example(
+    case=(
+        torch.tensor([[4.237920567296e12, -8.06963970048e11]]),
+        5623413251903.491,
+        "per_unit",
+        3.0,
+    )
+)
 def test_projecting_twice_equals_once(path, case):
     """Point 6, with rate = 1 and each option set (min_norm below and at max_norm)."""
     w, c, norm_dim, p = case
