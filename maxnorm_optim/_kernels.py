@@ -443,7 +443,7 @@ def pipeline(options: MaxNormOptions, dtype: torch.dtype) -> Pipeline:
     found = _PIPELINES.get(key)
     if found is None:
         if len(_PIPELINES) >= 64:
-            _PIPELINES.pop(next(iter(_PIPELINES)))
+            _PIPELINES.clear()  # (one call: safe while other threads read or add)
         found = _PIPELINES[key] = Pipeline(options, dtype, dtype.is_complex)
     return found
 

@@ -128,8 +128,9 @@ def test_options_seen_before_are_still_checked_by_type():
 
 
 def test_calls_from_several_threads_with_many_option_sets():
-    """The options remembered between calls are shared by threads: many distinct
-    bounds from several threads at once (the memory is cleared when full) never fail."""
+    """What is remembered between calls (validated options, per-dtype pipelines) is
+    shared by threads: many distinct bounds from several threads at once (each memory
+    is cleared when full) never fail."""
     import sys
     import threading
 
