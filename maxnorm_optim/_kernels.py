@@ -851,7 +851,9 @@ def cpu_rows(
     source = rows if index is None else rows.index_select(0, index)
     length = source.shape[1]
     check = num.check_norms(source, pipe.p, 1)
-    done = _rows_in_place(pipe, source, check, stats, index is None) if skip is None else None
+    # (a skipped step, which the host reads on CPU, is `_cpu_select`'s to record)
+    live = skip is None or not bool(skip)
+    done = _rows_in_place(pipe, source, check, stats, index is None) if live else None
     if done is not None:
         if done and index is not None:  # `source` is a copy of the rows `index`
             rows.index_copy_(0, index, source)
@@ -860,21 +862,7 @@ def cpu_rows(
     if chosen is None:
         return
     route = None if chosen.over is not None else pipe.plain_route(length, chosen.top)
-    if (
-        route is not None
-        and route.kind == "check"
-        and not route.same
-        and 4 * chosen.rows.numel() >= source.shape[0]  # gathering costs more from here
-        and _multiply_by_one_is_exact(check)
-    ):
-        # Short rows, the bound proven without verification: one multiply of every row
-        # (by exactly 1 where not selected) instead of a gather and a scatter.
-        factors = _in_place_factors(source.shape[0], chosen, route, source.dtype)
-        if index is None:
-            rows.mul_(factors.unsqueeze(1))
-        else:
-            rows.index_copy_(0, index, source.mul_(factors.unsqueeze(1)))
-        return
+    # (the proven "check" route with many rows over was taken by `_rows_in_place`)
     # Many rows over on the plain route: the gathered rows are scaled and verified,
     # but written back by one multiply of every row (by the same factors, so with the
     # same bits; exactly 1 where not selected) instead of a scatter, which costs more
